@@ -1,0 +1,45 @@
+# Every target the README names. `make setup` is idempotent: a stamp records
+# the hash of pyproject.toml, so a second run costs nothing.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml Makefile | sha1sum | cut -c1-12)
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS ?= 0
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: setup system-deps test demo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# The CPU build lies on this machine's disk; pin it so nothing pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	# DeepSpeed builds from source and imports torch in setup.py.
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# SLURM and munge for the cluster tests (tests/integration/test_slurm.py).
+# Runs apt-get only when a daemon or client is missing, so a second run is instant.
+SYSTEM_TOOLS := slurmctld slurmd munged sbatch srun scontrol scancel squeue sinfo
+system-deps:
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing slurm-wlm and munge (missing: $$(echo $$missing))"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; \
+	fi
+
+test: setup system-deps
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/mtp prepare --source stdlib --tokenizer byte --out runs/demo/data --overwrite
+
+clean-venv:
+	rm -rf $(VENV)

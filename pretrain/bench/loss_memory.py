@@ -1,0 +1,220 @@
+"""`mtp bench loss-memory`: peak memory and time of heads + unembedding + loss, naive against fused.
+
+One forward + backward of the output side of an MTP model (heads, shared
+unembedding, cross-entropy) on a random trunk output z, for n in {1, 4}:
+"naive" materialises every head's logits and runs one backward; "fused" is
+the training schedule (head by head, chunked logits). Each case runs in a
+fresh subprocess so no allocator state leaks between cases. A warm-up step
+runs first, then `--repeats` steps, each from no gradients (as after
+`zero_grad(set_to_none=True)`); the fastest time is reported (the box may be
+shared) and the peak over all of them.
+
+Memory: on CPU, the peak resident set (ru_maxrss) minus the resident set
+after setup (model, inputs); the high-water mark is reset after setup
+through /proc/self/clear_refs so setup's own transient peak does not count,
+and glibc is told to return every block >= 128 KiB to the OS on free
+(MALLOC_MMAP_THRESHOLD_) so the resident set follows live tensors. On GPU,
+torch.cuda.max_memory_allocated minus the allocation after setup, in bf16.
+Gradients created by the backward (.grad of heads and unembedding, dz) are
+part of the peak in both implementations.
+
+Heavy imports happen inside the handlers so `mtp --help` stays fast.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+from pretrain.errors import UserError
+
+N_VALUES = (1, 4)
+IMPLS = ("naive", "fused")
+# The paper's claims as checkable targets: (description, measured ratio, limit, "<=" or ">=").
+TARGETS = (
+    ("fused n=4 memory / fused n=1 memory", ("fused", 4, "peak_mib"), ("fused", 1, "peak_mib"), 1.10, "<="),
+    ("naive n=4 memory / fused n=4 memory", ("naive", 4, "peak_mib"), ("fused", 4, "peak_mib"), 4.0, ">="),
+    ("fused n=4 time / naive n=4 time", ("fused", 4, "seconds"), ("naive", 4, "seconds"), 1.15, "<="),
+)
+
+
+@dataclass
+class Case:
+    impl: str
+    n_future: int
+    tokens: int
+    seq_len: int
+    vocab: int
+    d_model: int
+    head_type: str
+    chunk_tokens: int
+    device: str
+    repeats: int
+
+
+def register(subparsers, bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "loss-memory",
+        help="peak memory and time of the MTP loss, naive vs fused",
+        description="One forward+backward of heads + unembedding + loss for n=1 and n=4, naive "
+        "(all logits, one backward) against the fused head-by-head schedule, each in a fresh process.",
+    )
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch x sequence)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (attention length of the heads)")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--d-model", type=int, default=1024, help="hidden size; attention heads of 64 dims")
+    p.add_argument("--head-type", default="transformer", choices=("transformer", "linear", "sequential"))
+    p.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per chunk of the fused loss")
+    p.add_argument("--small", action="store_true",
+                   help="a quick shape: 1024 tokens, seq 256, vocab 4096, d 256, chunks of 256")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per case; the fastest is reported")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=run)
+
+
+def _cases(args: argparse.Namespace) -> list[Case]:
+    if args.small:
+        args.tokens, args.seq_len, args.vocab, args.d_model, args.chunk_tokens = 1024, 256, 4096, 256, 256
+    if args.tokens % args.seq_len or args.d_model % 64:
+        raise UserError("--tokens must be a multiple of --seq-len and --d-model a multiple of 64")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = dict(tokens=args.tokens, seq_len=args.seq_len, vocab=args.vocab, d_model=args.d_model,
+                 head_type=args.head_type, chunk_tokens=args.chunk_tokens, device=device, repeats=args.repeats)
+    return [Case(impl=impl, n_future=n, **shape) for n in N_VALUES for impl in IMPLS]
+
+
+def _run_in_subprocess(case: Case) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    cmd = [sys.executable, "-m", "pretrain.bench.loss_memory", json.dumps(asdict(case))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"case {case.impl} n={case.n_future} failed ({tail[0]}); try a smaller shape, e.g. --small")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    table = {(r["impl"], r["n_future"]): r for r in rows}
+    checks = []
+    for name, (ia, na, key), (ib, nb, _), limit, op in TARGETS:
+        ratio = table[(ia, na)][key] / table[(ib, nb)][key]
+        met = ratio <= limit if op == "<=" else ratio >= limit
+        checks.append({"ratio": name, "value": round(ratio, 3), "target": f"{op} {limit}", "met": met})
+    return checks
+
+
+def _print_table(result: dict) -> None:
+    print(f"device: {result['device']}  shape: {result['shape']}")
+    print(f"{'impl':<6} {'n':>2} {'peak MiB':>10} {'seconds':>9}")
+    for row in result["rows"]:
+        print(f"{row['impl']:<6} {row['n_future']:>2} {row['peak_mib']:>10.1f} {row['seconds']:>9.2f}")
+    for check in result["targets"]:
+        status = "met" if check["met"] else "NOT met"
+        print(f"{check['ratio']}: {check['value']} (target {check['target']}: {status})")
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = _cases(args)
+    rows = [_run_in_subprocess(case) for case in cases]
+    first = cases[0]
+    result = {
+        "device": rows[0]["device_name"],
+        "shape": f"tokens={first.tokens} seq_len={first.seq_len} vocab={first.vocab} d_model={first.d_model} "
+        f"head_type={first.head_type} chunk_tokens={first.chunk_tokens} dtype={rows[0]['dtype']}",
+        "rows": rows,
+        "targets": _ratios(rows),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result)
+    return 0
+
+
+def _build(case: Case):
+    """Model (1 trunk layer, unused), random trunk output z [s, b, d] and labels [b, n, s]."""
+    import torch
+
+    from parallel.megatron_setup import init_model_parallel, seed_everything
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.mtp import MTPModel
+
+    init_model_parallel()
+    seed_everything(0)
+    dtype = torch.bfloat16 if case.device == "cuda" else torch.float32
+    cfg = ModelConfig(vocab_size=case.vocab, d_model=case.d_model, n_heads=case.d_model // 64, n_layers=1,
+                      n_future=case.n_future, head_type=case.head_type, max_seq_len=case.seq_len,
+                      loss_chunk_tokens=case.chunk_tokens)
+    model = MTPModel(cfg, params_dtype=dtype).to(case.device)
+    batch = case.tokens // case.seq_len
+    z = torch.randn(case.seq_len, batch, case.d_model, device=case.device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, case.vocab, (batch, case.n_future, case.seq_len), device=case.device)
+    return model, z, labels
+
+
+def _step(case: Case, model, z, labels) -> None:
+    """One forward + backward of heads + unembedding + loss."""
+    from pretrain.loss import naive_mtp_loss
+
+    if case.impl == "fused":
+        loss, _ = model.head_loss(z, labels)
+    else:
+        targets = labels.permute(1, 2, 0).contiguous()  # [n, s, b]
+        stack = model.head_stack(z.shape[0], z.device, lambda i, _: targets[i].clamp(min=0))
+        loss, _ = naive_mtp_loss(z, targets, stack, model.cfg.head_scales(0))
+    loss.backward()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(case: Case) -> dict:
+    """Peak extra memory (MiB) and seconds of one step, in this (fresh) process."""
+    import platform
+    import resource
+    import time
+
+    import torch
+
+    model, z, labels = _build(case)
+    _step(case, model, z, labels)  # warm-up: one-time kernel and allocator set-up is not timed
+    cuda = case.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS: setup's transient peak must not count
+        base = _rss_bytes()
+    times = []
+    for _ in range(case.repeats):
+        model.zero_grad(set_to_none=True)
+        z.grad = None
+        start = time.perf_counter()
+        _step(case, model, z, labels)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "impl": case.impl,
+        "n_future": case.n_future,
+        "peak_mib": (peak - base) / 2**20,
+        "seconds": min(times),
+        "dtype": str(z.dtype).removeprefix("torch."),
+        "device_name": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(Case(**json.loads(sys.argv[1])))))

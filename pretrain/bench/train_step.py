@@ -1,0 +1,145 @@
+"""`mtp bench train`: optimizer-step time of an n-head model against its n=1 baseline.
+
+Three variants of one config share a process: the next-token baseline
+(n_future=1), the MTP model with the same trunk, and the parameter-matched
+MTP model (n_future-1 trunk layers removed, as in the paper). Steps are
+interleaved round-robin so that a noisy neighbour slows every variant alike;
+the ratio of medians is the figure to compare with the paper's Table S5.
+
+Batches are random token ids: step time does not depend on the values, and
+the benchmark then needs no prepared data.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+from pretrain.errors import UserError
+
+
+def register(subparsers, bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "train", help="step time of n_future=N against n_future=1",
+        description="Time full optimizer steps (forward, per-head backward, AdamW) of the config's model "
+                    "with n_future=1, with its n_future, and parameter-matched.",
+    )
+    p.add_argument("--config", default="configs/tiny-cpu.yaml", help="run config whose model and batch to time")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.n_future=4")
+    p.set_defaults(func=run)
+
+
+def variants(cfg) -> list[tuple[str, object]]:
+    """(label, ModelConfig) for the baseline, the MTP model and, when possible, its matched twin."""
+    n = cfg.model.n_future
+    if n < 2:
+        raise UserError("mtp bench train compares against n_future=1: set model.n_future to 2 or more")
+    out = [("n=1", dataclasses.replace(cfg.model, n_future=1, head_weights=None, match_params=False)),
+           (f"n={n}", dataclasses.replace(cfg.model, match_params=False))]
+    matched = dataclasses.replace(cfg.model, match_params=True)
+    if matched.trunk_layers >= 1:
+        out.append((f"n={n} matched", matched))
+    return out
+
+
+class Subject:
+    """One model variant with its own DeepSpeed engine and a fixed random batch."""
+
+    def __init__(self, label: str, model_cfg, cfg, place):
+        import torch
+
+        from parallel.engine import build_engine
+        from pretrain.model.counting import flops_per_token, param_counts
+        from pretrain.model.mtp import MTPModel
+
+        torch.manual_seed(0)
+        self.label = label
+        self.model = MTPModel(model_cfg)
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.engine = build_engine(self.model, dataclasses.replace(cfg, model=model_cfg), place)
+        self.params = param_counts(self.model)["total"]
+        self.flops = flops_per_token(model_cfg, cfg.train.seq_len)
+        self.micro_steps = cfg.train.global_batch_size // (cfg.train.micro_batch_size * place.dp_size)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        shape = (cfg.train.micro_batch_size, cfg.train.seq_len + model_cfg.n_future)
+        tokens = torch.randint(0, model_cfg.vocab_size, shape, device=device)  # [mb, s + n]
+        s = cfg.train.seq_len
+        self.inputs = tokens[:, :s]  # [mb, s]
+        self.labels = torch.stack([tokens[:, k:k + s] for k in range(1, model_cfg.n_future + 1)], dim=1)  # [mb, n, s]
+        self.times: list[float] = []
+
+    def step(self, timed: bool) -> None:
+        import torch
+
+        start = time.perf_counter()
+        for _ in range(self.micro_steps):
+            loss, _ = self.engine(self.inputs, self.labels)
+            self.engine.backward(loss)
+            self.engine.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+
+
+def measure(cfg, steps: int, warmup: int) -> list[dict]:
+    from parallel.engine import init_distributed
+    from parallel.hardware import peak_flops
+
+    place = init_distributed(cfg)
+    subjects = [Subject(label, m, cfg, place) for label, m in variants(cfg)]
+    for i in range(warmup + steps):
+        for subject in subjects:
+            subject.step(timed=i >= warmup)
+    tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    peak = peak_flops(cfg.parallel.dtype)
+    base = statistics.median(subjects[0].times)
+    rows = []
+    for s in subjects:
+        seconds = statistics.median(s.times)
+        rows.append({
+            "variant": s.label, "params": s.params, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "time_vs_n1": seconds / base, "mfu": (s.flops * tokens / seconds / peak) if peak else None,
+        })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | params | step (s) | tokens/s | time vs n=1 | MFU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} "
+                     f"| {r['time_vs_n1']:.3f} | {mfu} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.config import load_config, validate
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = _vocab_from_data(cfg, load_tokenizer)
+    rows = measure(cfg, args.steps, args.warmup)
+    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    return 0
+
+
+def _vocab_from_data(cfg, load_tokenizer) -> int:
+    try:
+        return load_tokenizer(cfg.data.dir).vocab_size
+    except UserError:
+        raise UserError(
+            f"model.vocab_size is null and no prepared data is at data.dir={cfg.data.dir}; "
+            "set model.vocab_size=N or prepare the data first"
+        ) from None

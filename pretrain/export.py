@@ -1,0 +1,122 @@
+"""`mtp export`: one self-contained file from a training checkpoint.
+
+The file is a safetensors archive of the consolidated single-process weights;
+its metadata carries the model config and the tokenizer's files, so
+generation and evaluation need nothing else and can never pair weights with
+the wrong tokenizer.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.errors import UserError
+from pretrain.model.config import ModelConfig
+from pretrain.train import ENGINE_TAG
+
+FORMAT = "mtp-export-1"
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A step dir as given, or the newest complete one under a checkpoints dir or a run dir."""
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"checkpoint {path} does not exist; pass a run dir, its checkpoints/ dir or one step_* dir")
+    if (root / ckpt.MANIFEST).is_file() or (root / ckpt.COMPLETE).is_file():
+        problem = ckpt.verify(root)
+        if problem:
+            raise UserError(f"checkpoint {path} is unusable: {problem}; pass an older step_* dir")
+        return root
+    for candidate in (root, root / "checkpoints"):
+        found = ckpt.CheckpointStore(str(candidate), keep=1).latest() if candidate.is_dir() else None
+        if found:
+            return Path(found[0])
+    raise UserError(f"no complete checkpoint under {path}; train first (mtp train) or pass a step_* dir")
+
+
+def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from the DeepSpeed files, whatever the ZeRO stage."""
+    engine_dir = step_dir / ENGINE_TAG
+    optim_files = sorted(engine_dir.glob("*optim_states.pt"))
+    if optim_files:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=ENGINE_TAG)
+    model_files = sorted(engine_dir.glob("mp_rank_*_model_states.pt"))
+    if len(model_files) != 1:
+        raise UserError(
+            f"{engine_dir} holds {len(model_files)} model-parallel shards; export reads tensor-parallel size 1 "
+            "checkpoints: resume the run with parallel.tp=1 and save once, then export"
+        )
+    state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def export(checkpoint: str, out: str) -> Path:
+    """Write `out`; refuses to overwrite an existing file."""
+    from safetensors.torch import save_file
+
+    target = Path(out)
+    if target.exists():
+        raise UserError(f"{out} already exists; choose another --out or delete it first")
+    step_dir = resolve_checkpoint(checkpoint)
+    extra = json.loads((step_dir / ckpt.EXTRA).read_text())
+    cfg = ModelConfig(**extra["model"])
+    state = {k: v.contiguous() for k, v in consolidated_state_dict(step_dir).items()}
+    metadata = {
+        "format": FORMAT,
+        "model_config": json.dumps(asdict(cfg)),
+        "tokenizer_files": json.dumps(_read_dir(step_dir / "tokenizer")),
+        "step": str(extra["step"]),
+        "tokens": str(extra["tokens"]),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, target)
+    return step_dir
+
+
+def load_exported(path: str, device: str = "cpu"):
+    """(model, tokenizer, ModelConfig) from an exported file, ready for eval or generation."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from data_pipeline.tokenizer import load_tokenizer
+    from parallel.megatron_setup import init_model_parallel
+    from pretrain.model.mtp import MTPModel
+
+    if not os.path.isfile(path):
+        raise UserError(f"model file {path} not found; create one with `mtp export --checkpoint RUN_DIR --out {path}`")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"{path} is not a readable safetensors file ({err}); export it again") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} was not written by `mtp export` (no {FORMAT} metadata); export it again")
+    cfg = ModelConfig(**json.loads(metadata["model_config"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in json.loads(metadata["tokenizer_files"]).items():
+            Path(tmp, name).write_text(text)
+        tokenizer = load_tokenizer(tmp)
+    init_model_parallel(tp=1, pp=1)
+    model = MTPModel(cfg)
+    model.load_state_dict(load_file(path))
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def _read_dir(directory: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def run(args) -> int:
+    step_dir = export(args.checkpoint, args.out)
+    print(f"exported {step_dir} -> {args.out}")
+    return 0
+

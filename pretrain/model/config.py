@@ -1,0 +1,97 @@
+"""Shape and loss settings of an MTP model: the `model:` section of a run config.
+
+Kept free of torch so configs load and validate before any heavy import.
+"""
+
+from dataclasses import dataclass, field
+
+from pretrain.errors import UserError
+
+HEAD_TYPES = ("transformer", "linear", "sequential")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int | None = None  # None: taken from the prepared data's tokenizer
+    d_model: int = 256
+    n_layers: int = 4  # trunk layers before `match_params` removes any
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    ffn_hidden: int | None = None  # None: Llama's rule, 8/3 d rounded up to 64
+    max_seq_len: int = 512
+    n_future: int = 4  # 1 = ordinary next-token model
+    head_type: str = "transformer"
+    match_params: bool = False  # drop n_future-1 trunk layers, as the paper does
+    head_weights: list[float] | None = None  # per-head loss weights; None = all 1
+    # Factor on heads 2..n. `aux_schedule` is [[start_step, factor], ...]
+    # (e.g. [[0, 0.3], [10000, 0.1]]); empty means the constant `aux_factor`.
+    aux_factor: float = 1.0
+    aux_schedule: list[list[float]] = field(default_factory=list)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    loss_chunk_tokens: int = 1024  # tokens per chunk of the fused unembedding + CE
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-int(8 * self.d_model / 3) // 64) * 64
+
+    @property
+    def trunk_layers(self) -> int:
+        """Trunk depth after parameter matching."""
+        return self.n_layers - (self.n_future - 1 if self.match_params else 0)
+
+    @property
+    def weights(self) -> list[float]:
+        return list(self.head_weights) if self.head_weights else [1.0] * self.n_future
+
+    def padded_vocab(self, tp: int = 1) -> int:
+        """Vocabulary rounded up to a multiple of 128 x tp.
+
+        Every tensor-parallel shard of the embedding and unembedding then has
+        the same, matmul-friendly size. The padding rows never win: the loss
+        and `head_logits` ignore ids >= vocab_size.
+        """
+        if self.vocab_size is None:
+            raise UserError("model.vocab_size is not set; prepare the data first or set model.vocab_size")
+        multiple = 128 * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def aux_factor_at(self, step: int) -> float:
+        """The factor on heads 2..n at optimizer step `step`."""
+        factor = self.aux_factor
+        for start, value in sorted(self.aux_schedule):
+            if step >= start:
+                factor = value
+        return factor
+
+    def head_scales(self, step: int) -> list[float]:
+        """Final loss multiplier of every head at `step`: weight x aux factor."""
+        aux = self.aux_factor_at(step)
+        return [w * (1.0 if k == 0 else aux) for k, w in enumerate(self.weights)]
+
+    def validate(self) -> None:
+        """Raise UserError naming the first impossible setting and its fix."""
+        checks = [
+            (self.n_future >= 1, "model.n_future must be >= 1"),
+            (self.head_type in HEAD_TYPES, f"model.head_type must be one of {', '.join(HEAD_TYPES)}"),
+            (self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+            (self.n_heads % self.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
+            ((self.d_model // self.n_heads) % 2 == 0, "model.d_model / model.n_heads (head dim) must be even for rotary positions"),
+            (self.trunk_layers >= 1, "model.n_layers must exceed model.n_future - 1 when model.match_params is true"),
+            (self.head_weights is None or len(self.head_weights) == self.n_future,
+             "model.head_weights must list one weight per head (model.n_future entries)"),
+            (all(len(p) == 2 for p in self.aux_schedule), "model.aux_schedule entries must be [start_step, factor] pairs"),
+            (self.loss_chunk_tokens >= 1, "model.loss_chunk_tokens must be >= 1"),
+            (self.vocab_size is None or self.vocab_size >= 2, "model.vocab_size must be >= 2"),
+            (self.max_seq_len >= 1, "model.max_seq_len must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)

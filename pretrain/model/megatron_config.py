@@ -1,0 +1,54 @@
+"""Translate our `ModelConfig` into megatron-core's `TransformerConfig`.
+
+One place decides every megatron switch, so the trunk and the heads are built
+from the same settings: Llama-style (RMSNorm, SwiGLU, no biases, no dropout),
+CPU initialisation when there is no GPU, and every fusion that needs
+Transformer Engine, apex or CUDA turned off (megatron falls back to torch).
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from pretrain.model.config import ModelConfig
+
+
+def residual_depth(cfg: ModelConfig) -> int:
+    """Transformer layers on the deepest path from the embedding to a loss.
+
+    megatron scales output projections by 1/sqrt(2 * num_layers) so the
+    residual stream's variance stays put with depth; the depth that matters
+    is the longest chain of residual additions a token goes through.
+    """
+    head_depth = {"transformer": 1, "linear": 0, "sequential": cfg.n_future}[cfg.head_type]
+    return cfg.trunk_layers + head_depth
+
+
+def transformer_config(cfg: ModelConfig, tp: int, params_dtype: torch.dtype) -> TransformerConfig:
+    """The megatron config every TransformerLayer of the model is built from."""
+    return TransformerConfig(
+        num_layers=max(1, residual_depth(cfg)),
+        hidden_size=cfg.d_model,
+        num_attention_heads=cfg.n_heads,
+        num_query_groups=cfg.kv_heads,
+        ffn_hidden_size=cfg.ffn_size,
+        tensor_model_parallel_size=tp,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,  # SwiGLU: fc1 holds gate and up projections
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        perform_initialization=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )

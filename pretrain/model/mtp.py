@@ -1,0 +1,117 @@
+"""The MTP language model: shared trunk, n output heads, one shared unembedding.
+
+Submodules are kept apart (`embedding`, `layers`, `heads`, `unembedding`)
+so a pipeline engine can place the embedding on the first stage, split the
+trunk layers, and put heads + unembedding + loss on the last stage
+(`head_loss` is that last stage's work). Activations are [s, b, d], as in
+megatron.
+"""
+
+import torch
+from megatron.core import parallel_state
+
+from parallel.megatron_setup import init_model_parallel
+from pretrain.errors import UserError
+from pretrain.loss import HeadStack, mtp_loss
+from pretrain.model.config import ModelConfig
+from pretrain.model.heads import TokensFor, build_heads
+from pretrain.model.layers import build_layer
+from pretrain.model.megatron_config import transformer_config
+from pretrain.model.rotary import rotary_angles
+from pretrain.model.vocab import TokenEmbedding, Unembedding
+
+
+class MTPModel(torch.nn.Module):
+    """Llama-style decoder on megatron-core with `cfg.n_future` output heads.
+
+    Builds on whatever tensor-parallel groups exist; with none, it starts a
+    single-process group itself (tp=1). `params_dtype` is float32 on CPU,
+    bfloat16 on GPUs, float64 for gradient checks.
+    """
+
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise UserError("model.vocab_size is not set; prepare the data first or set model.vocab_size")
+        cfg.validate()
+        if not parallel_state.model_parallel_is_initialized():
+            init_model_parallel()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.cfg = cfg
+        self.params_dtype = params_dtype
+        tcfg = transformer_config(cfg, tp, params_dtype)
+        self.embedding = TokenEmbedding(tcfg, cfg.padded_vocab(tp))
+        self.layers = torch.nn.ModuleList(build_layer(tcfg, i + 1) for i in range(cfg.trunk_layers))
+        self.heads = build_heads(cfg, tcfg)
+        self.unembedding = Unembedding(tcfg, cfg.padded_vocab(tp), cfg.vocab_size)
+        self.to(params_dtype)  # megatron's torch norms are created in float32 whatever params_dtype says
+
+    def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Rotary angles [s, 1, 1, head_dim] for positions 0 .. seq_len - 1."""
+        dtype = torch.float64 if self.params_dtype == torch.float64 else torch.float32
+        head_dim = self.cfg.d_model // self.cfg.n_heads
+        return rotary_angles(seq_len, head_dim, self.cfg.rope_theta, device, dtype=dtype)
+
+    def trunk(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, s] -> z [s, b, d], the shared representation every head reads."""
+        hidden = self.embedding(input_ids.t())  # [s, b, d]
+        rotary = self.rotary(hidden.shape[0], hidden.device)
+        for layer in self.layers:
+            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
+        return hidden
+
+    def head_stack(self, seq_len: int, device: torch.device, tokens_for: TokensFor) -> HeadStack:
+        """The output side in the form the loss schedule consumes."""
+        rotary = self.rotary(seq_len, device)
+        chained = self.heads.chained
+        params = [*self.heads.parameters(), *self.unembedding.norm.parameters()]
+        if chained:  # sequential heads embed tokens with the trunk's embedding
+            params += list(self.embedding.parameters())
+        return HeadStack(
+            hidden_states=lambda z: self.heads.hidden_states(z, rotary, self.embedding, tokens_for),
+            chained=chained,
+            norm=self.unembedding.norm,
+            weight=self.unembedding.weight,
+            vocab_size=self.cfg.vocab_size,
+            params=params,
+        )
+
+    def head_loss(self, z: torch.Tensor, labels: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads + unembedding + loss on the trunk output z [s, b, d]; see `forward`."""
+        b, s = z.shape[1], z.shape[0]
+        if labels.shape != (b, self.cfg.n_future, s):
+            raise ValueError(f"labels must be [b, n_future, s] = {(b, self.cfg.n_future, s)}, got {tuple(labels.shape)}")
+        targets = labels.permute(1, 2, 0).contiguous()  # [n, s, b]
+        stack = self.head_stack(s, z.device, tokens_for=lambda i, _: targets[i].clamp(min=0))
+        return mtp_loss(z, targets, stack, self.cfg.head_scales(step), self.cfg.loss_chunk_tokens)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, step: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [b, s], labels [b, n_future, s] (-100 = no loss) -> (loss, head_losses [n]).
+
+        `loss` is sum_k head_scales(step)[k] * mean CE of head k; call
+        `.backward()` on it. `head_losses` are the unscaled per-head means,
+        detached, for logging (head 1 = the next-token loss).
+        """
+        return self.head_loss(self.trunk(input_ids), labels, step)
+
+    def head_logits(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole logits [b, s, n_future, vocab] of every head, for evaluation and drafting.
+
+        Sequential heads need token t+k-1 to predict t+k: from `labels`
+        ([b, n_future, s]) when given, else head k-1's greedy guess, as
+        when drafting. Materialises all logits: small inputs only.
+        """
+        z = self.trunk(input_ids)  # [s, b, d]
+        logits: list[torch.Tensor] = []
+
+        def tokens_for(i: int, _hidden: torch.Tensor) -> torch.Tensor:
+            if labels is not None:
+                return labels[:, i].t().clamp(min=0)  # [s, b]
+            return logits[i].argmax(dim=-1)  # [s, b]
+
+        stack = self.head_stack(z.shape[0], z.device, tokens_for)
+        for hidden in stack.hidden_states(z):
+            logits.append(self.unembedding(hidden))  # [s, b, vocab]
+        return torch.stack(logits, dim=2).transpose(0, 1)  # [b, s, n, vocab]

@@ -1,0 +1,37 @@
+"""Graceful stop on the signals a cluster sends before it takes the job away.
+
+SLURM sends SIGUSR1 (with `--signal`) or SIGTERM ahead of a time limit or a
+preemption. The handler only raises a flag; the trainer finishes the step
+in flight, checkpoints and exits 0, so the requeued job resumes losing
+nothing.
+"""
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    def __init__(self):
+        self.received: int | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank got a stop signal.
+
+        One tiny all-reduce per step: ranks must stop after the same step or
+        the checkpoint's collectives would hang.
+        """
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

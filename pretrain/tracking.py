@@ -1,0 +1,198 @@
+"""MLflow run tracking for rank 0, and a no-op stand-in for every other rank.
+
+Uses `MlflowClient` directly: no global active run, so a library user's own
+`mlflow.start_run()` is never disturbed and a resumed job logs into the run
+id its checkpoint recorded. Metrics are buffered and sent with `log_batch`,
+because one HTTP round trip per scalar would stall the training loop on a
+remote server. A tracking outage mid-run never ends the run: failed batches
+are kept for the next flush. Each failing flush does block for MLflow's own
+HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7 with backoff); lower
+that variable on clusters where a stalled step costs more than lost metrics.
+"""
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+# MLflow starts its usage telemetry at import unless told not to; nothing
+# here may reach the network except the tracking URI the user configured.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from matplotlib.figure import Figure  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH  # noqa: E402
+
+from pretrain.config import RunConfig  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """One MLflow run: created, or resumed when `run_id` is given."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, flush_interval_s: float = 10.0):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.flush_interval_s = flush_interval_s
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+        try:
+            self.run_id = self._resume(run_id) if run_id else self._create(experiment, run_name)
+        except MlflowException as err:
+            raise UserError(
+                f"MLflow tracking at {uri} failed: {_first_line(err)}; check tracking.uri / MLFLOW_TRACKING_URI "
+                "or set tracking.enabled=false"
+            ) from None
+
+    def _create(self, experiment: str, run_name: str) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            experiment_id = self.client.create_experiment(experiment, artifact_location=_local_artifact_root(self.uri))
+        return self.client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def _resume(self, run_id: str) -> str:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            raise UserError(
+                f"MLflow run {run_id} recorded in the checkpoint does not exist at {self.uri}; point tracking.uri "
+                "at the store the run started with, or set tracking.enabled=false"
+            ) from None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def log_params(self, params: dict) -> None:
+        """Log params; on a resumed run, keys already logged are kept and a changed value is warned about.
+
+        MLflow params are immutable, so a resumed run with e.g. a longer
+        train.max_steps cannot overwrite the old value.
+        """
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = []
+        for key, value in params.items():
+            text = _param_text(value)
+            if key not in existing:
+                fresh.append(Param(key, text))
+            elif existing[key] != text:
+                log.warning("MLflow param %s stays %r in run %s; this job uses %r", key, existing[key], self.run_id, text)
+        for i in range(0, len(fresh), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=fresh[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer one step's metrics; sent when the buffer is full or `flush_interval_s` has passed."""
+        now_ms = int(time.time() * 1000)
+        self._buffer.extend(Metric(key, float(value), now_ms, step) for key, value in metrics.items())
+        if len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send buffered metrics; on failure keep them for the next try and return False."""
+        self._last_flush = time.monotonic()
+        while self._buffer:
+            batch = self._buffer[:MAX_METRICS_PER_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            except Exception as err:  # noqa: BLE001 -- any tracking failure must not end training
+                log.warning("MLflow at %s unreachable (%s); %d metrics kept for the next flush",
+                            self.uri, _first_line(err), len(self._buffer))
+                return False
+            del self._buffer[: len(batch)]
+        return True
+
+    def log_artifact(self, path: str) -> None:
+        self.client.log_artifact(self.run_id, path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and mark the run ended ("FINISHED", "FAILED" or "KILLED")."""
+        if not self.flush():
+            log.warning("%d metrics never reached MLflow at %s", len(self._buffer), self.uri)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except MlflowException as err:
+            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, _first_line(err))
+
+
+class NullTracker:
+    """What ranks other than 0, and runs with tracking disabled, log into."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> bool:
+        return True
+
+    def log_artifact(self, path: str) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def make_tracker(cfg: RunConfig, rank: int, run_id: str | None = None) -> Tracker | NullTracker:
+    """A real Tracker on rank 0 when tracking is enabled; `run_id` resumes that run."""
+    if rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    return Tracker(resolve_tracking_uri(cfg), cfg.tracking.experiment, cfg.run_name, run_id)
+
+
+def resolve_tracking_uri(cfg: RunConfig) -> str:
+    """tracking.uri, else env MLFLOW_TRACKING_URI, else a SQLite store inside the run dir."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    run_dir = Path(cfg.run.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir / 'mlflow.db'}"
+
+
+def _local_artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database, not in ./mlruns of whatever the cwd is.
+
+    Remote servers choose their own artifact location (None).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
+def _param_text(value) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:MAX_PARAM_VAL_LENGTH]
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def plot_head_curves(metrics_jsonl: str, out_png: str) -> None:
+    """Plot every head's training loss against the step from a metrics.jsonl file."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    heads = sorted({k for row in rows for k in row if k.startswith("loss_head")}, key=lambda k: int(k[9:]))
+    if not heads:
+        raise UserError(f"{metrics_jsonl} holds no per-head losses (loss_head1, ...) to plot")
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for key in heads:
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=f"head {key[9:]} (t+{key[9:]})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("loss of every MTP head")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")

@@ -1,0 +1,279 @@
+"""`mtp train`: the training loop.
+
+The loop is deliberately plain: read one global batch as micro-batches,
+forward/backward each through the DeepSpeed engine, step, record. All
+parallel plumbing lives in `parallel/`; everything that makes a run
+restartable (checkpoint, data cursor, RNG, MLflow run id) is saved together
+so that re-running the same command continues exactly where it stopped.
+"""
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import RunConfig, check_data_dir, config_to_dict, load_config, save_config, validate
+from pretrain.errors import UserError
+from pretrain.metrics import MetricsWriter, StepMetrics, Throughput, format_progress
+from pretrain.signals import StopFlag
+from pretrain.tracking import make_tracker, plot_head_curves
+
+log = logging.getLogger("mtp.train")
+ENGINE_TAG = "engine"  # DeepSpeed's sub-directory inside one of our checkpoints
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from data_pipeline.tokenizer import load_tokenizer
+        from parallel.engine import build_engine, init_distributed
+        from pretrain.model.mtp import MTPModel
+
+        self.cfg = cfg
+        self.place = init_distributed(cfg)
+        self.tokenizer = load_tokenizer(cfg.data.dir)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        torch.manual_seed(cfg.train.seed)
+        self.model = MTPModel(cfg.model)
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.engine = build_engine(self.model, cfg, self.place)
+        self.loader = self._loader("train")
+        self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
+        self.stop = StopFlag()
+        self.step = 0
+        self.tokens = 0
+        self.run_id: str | None = None
+        self.last_val: list[float] | None = None
+
+    def _loader(self, split: str):
+        from data_pipeline.loader import StreamingLoader
+
+        cfg = self.cfg
+        return StreamingLoader(
+            cfg.data.dir, split, cfg.train.seq_len, cfg.model.n_future,
+            cfg.train.micro_batch_size, cfg.train.global_batch_size,
+            dp_rank=self.place.dp_rank, dp_size=self.place.dp_size, seed=cfg.data.seed,
+            num_workers=cfg.data.num_workers, on_bad_shard=cfg.data.on_bad_shard,
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.place.rank == 0
+
+    # ---- resume -------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, chosen on rank 0 for everyone."""
+        found = [self.store.latest() if self.is_main else None]
+        dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            return
+        path, extra = found[0]
+        self._check_same_model(extra)
+        self.engine.load_checkpoint(path, tag=ENGINE_TAG)
+        ckpt.load_rng_state(path, self.place.rank)
+        self.loader.load_state_dict(extra["data"])
+        self.step, self.tokens, self.run_id = extra["step"], extra["tokens"], extra.get("mlflow_run_id")
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def _check_same_model(self, extra: dict) -> None:
+        from dataclasses import asdict
+
+        saved = extra.get("model")
+        if saved is not None and saved != asdict(self.cfg.model):
+            changed = sorted(k for k in saved if saved[k] != asdict(self.cfg.model).get(k))
+            raise UserError(
+                f"the checkpoints in {self.cfg.checkpoint_dir} are of a different model "
+                f"(model.{', model.'.join(changed)} differ); use a new run.dir or the original model settings"
+            )
+
+    # ---- one step -----------------------------------------------------------
+
+    def train_step(self, batches) -> tuple[float, list[float], float]:
+        """One optimizer step over this rank's micro-batches; returns (loss, head losses, grad norm)."""
+        from parallel.engine import grad_norm, unclipped_grad_norm
+
+        self.model.train()
+        loss_sum, heads_sum, norm = 0.0, None, float("nan")
+        n_micro = self.loader.micro_batches_per_step
+        for i in range(n_micro):
+            batch = self._to_device(next(batches))
+            loss, head_losses = self.engine(batch["input_ids"], batch["labels"], step=self.step)
+            self.engine.backward(loss)
+            if i == n_micro - 1 and self.cfg.parallel.zero_stage == 0:
+                norm = unclipped_grad_norm(self.model)
+            self.engine.step()
+            loss_sum += float(loss.detach())
+            heads_sum = head_losses.detach().float() if heads_sum is None else heads_sum + head_losses.detach().float()
+        if self.cfg.parallel.zero_stage > 0:
+            norm = grad_norm(self.engine)
+        means = self._dp_mean(torch.cat([torch.tensor([loss_sum]), heads_sum.cpu()]) / n_micro)
+        return float(means[0]), means[1:].tolist(), norm
+
+    def _to_device(self, batch: dict) -> dict:
+        if not torch.cuda.is_available():
+            return batch
+        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+    def _dp_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average over data-parallel ranks, so rank 0 logs the global batch's loss."""
+        from megatron.core import parallel_state
+
+        if self.place.dp_size == 1:
+            return values
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        values = values.to(dev)
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        return values.cpu() / self.place.dp_size
+
+    @torch.no_grad()
+    def evaluate(self) -> list[float]:
+        """Every head's mean loss on the first `eval_steps` validation micro-batches of this rank."""
+        self.model.eval()
+        total = None
+        batches = iter(self._loader("val"))
+        for _ in range(self.cfg.train.eval_steps):
+            batch = self._to_device(next(batches))
+            _, head_losses = self.model(batch["input_ids"], batch["labels"], step=self.step)
+            total = head_losses.float().cpu() if total is None else total + head_losses.float().cpu()
+        return self._dp_mean(total / self.cfg.train.eval_steps).tolist()
+
+    # ---- checkpoints ----------------------------------------------------------
+
+    def save(self) -> None:
+        """Every rank writes its engine shard into one temp dir; rank 0 seals it (see checkpoint.py)."""
+        from dataclasses import asdict
+
+        tmp = self.store.begin(self.step) if self.is_main else self.store.tmp_dir(self.step)
+        dist.barrier()
+        self.engine.save_checkpoint(tmp, tag=ENGINE_TAG)
+        ckpt.save_rng_state(tmp, self.place.rank)
+        dist.barrier()
+        if self.is_main:
+            save_config(self.cfg, os.path.join(tmp, "config.yaml"))
+            self.tokenizer.save(os.path.join(tmp, "tokenizer"))
+            extra = {
+                "step": self.step, "tokens": self.tokens, "data": self.loader.state_dict(),
+                "mlflow_run_id": self.run_id, "model": asdict(self.cfg.model),
+            }
+            final = self.store.commit(tmp, self.step, extra)
+            self._print(f"checkpoint {final}")
+        dist.barrier()
+
+    # ---- the loop -------------------------------------------------------------
+
+    def fit(self, stop_after: int | None = None) -> int:
+        """Train to `train.max_steps`, or for `stop_after` more steps, or until a stop signal."""
+        cfg = self.cfg
+        self.resume()
+        last_step = min(cfg.train.max_steps, self.step + stop_after) if stop_after else cfg.train.max_steps
+        tracker = make_tracker(cfg, self.place.rank, self.run_id)
+        self.run_id = getattr(tracker, "run_id", None)
+        metrics = self._start_run_dir(tracker)
+        throughput = Throughput()
+        throughput.update(self.step, self.tokens)
+        batches = iter(self.loader)
+        while self.step < last_step:
+            lr = self.engine.get_lr()[0]
+            loss, heads, norm = self.train_step(batches)
+            self.step += 1
+            self.tokens += cfg.train.global_batch_size * cfg.train.seq_len
+            throughput.update(self.step, self.tokens)
+            record = StepMetrics(self.step, self.tokens, loss, heads, lr, norm, throughput.tokens_per_s,
+                                 mfu=self._mfu(throughput.tokens_per_s))
+            self._maybe_evaluate(record)
+            self._record(record, metrics, tracker, throughput)
+            stopping = self.stop.agreed()
+            if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == last_step:
+                self.save()
+            if stopping:
+                self._print(f"stop signal received: checkpointed step {self.step}, exiting")
+                break
+        self._finish(metrics, tracker, "FINISHED" if self.step >= cfg.train.max_steps else "KILLED")
+        return 0
+
+    def _maybe_evaluate(self, record: StepMetrics) -> None:
+        interval = self.cfg.train.eval_interval
+        if interval and (self.step % interval == 0 or self.step == self.cfg.train.max_steps):
+            val = self.last_val = self.evaluate()
+            record.extra.update({f"val_loss_head{k}": v for k, v in enumerate(val, start=1)})
+            record.extra["val_loss"] = sum(val) / len(val)
+            self._print(f"eval step {self.step} | val heads " + " ".join(f"{v:.3f}" for v in val))
+
+    def _record(self, record: StepMetrics, metrics, tracker, throughput: Throughput) -> None:
+        if not self.is_main:
+            return
+        metrics.write(record)
+        tracker.log_metrics(record.scalars(), step=record.step)
+        if record.step % self.cfg.train.log_interval == 0 or record.step == self.cfg.train.max_steps:
+            eta = throughput.eta_s(self.cfg.train.max_steps)
+            self._print(format_progress(record.step, self.cfg.train.max_steps, record.loss,
+                                        record.head_losses, record.tokens_per_s, eta))
+
+    def _start_run_dir(self, tracker):
+        if not self.is_main:
+            return None
+        run_dir = Path(self.cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, str(run_dir / "config.yaml"))
+        if self.run_id:
+            (run_dir / "mlflow_run_id").write_text(self.run_id + "\n")
+        if self.step == 0:
+            tracker.log_params(config_to_dict(self.cfg))
+        resume = self.step if self.step > 0 else None
+        return MetricsWriter(str(run_dir / "metrics.jsonl"), resume_step=resume)
+
+    def _finish(self, metrics, tracker, status: str) -> None:
+        val = self.last_val or self.evaluate()
+        if self.is_main:
+            metrics.close()
+            run_dir = Path(self.cfg.run.dir)
+            plot = run_dir / "head_losses.png"
+            plot_head_curves(str(run_dir / "metrics.jsonl"), str(plot))
+            for artifact in (run_dir / "config.yaml", run_dir / "metrics.jsonl", plot):
+                tracker.log_artifact(str(artifact))
+            tracker.close(status)
+            self._print(self._summary(tracker, val))
+        dist.barrier()
+
+    def _summary(self, tracker, val: list[float]) -> str:
+        lines = [
+            f"run {self.cfg.run.dir}: {self.step} steps, {self.tokens} tokens",
+            "validation loss per head: " + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(val, start=1)),
+        ]
+        uri = getattr(tracker, "uri", None)
+        if uri:
+            lines.append(f"MLflow run {self.run_id} in {uri}  (view: mlflow ui --backend-store-uri {uri})")
+        return "\n".join(lines)
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        from parallel.hardware import peak_flops
+        from pretrain.model.counting import flops_per_token
+
+        peak = peak_flops(self.cfg.parallel.dtype)
+        if peak is None or tokens_per_s <= 0:
+            return None
+        achieved = flops_per_token(self.cfg.model, self.cfg.train.seq_len) * tokens_per_s
+        return achieved / (peak * self.place.world_size)
+
+    def _print(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    check_data_dir(cfg)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
+    return Trainer(cfg).fit(stop_after=args.stop_after)
+

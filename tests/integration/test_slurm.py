@@ -1,0 +1,186 @@
+"""SLURM submission on a real one-node cluster (munged + slurmctld + slurmd on loopback).
+
+Jobs go through the real `sbatch`, and run `srun` -> `torchrun` (2 gloo
+processes, dp=2) -> `mtp train` as on a production cluster; slurm_cluster.py
+lists the few cluster settings that differ and why.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.integration import slurm_cluster
+from tests.integration.conftest import REPO, mtp_env, run_mtp
+from tests.integration.slurm_cluster import ClusterError, SlurmCluster, missing_tools
+from tests.integration.test_train import TINY, head_losses, metrics
+
+JOB_TIMEOUT = 420  # seconds one training job may take, requeue included, before the test fails
+
+
+def _require_cluster_tools() -> None:
+    """Skip on a developer machine without SLURM; in CI (CI=true) fail instead, never skip."""
+    problem = None
+    if missing_tools():
+        problem = f"SLURM tools missing: {', '.join(missing_tools())}; run `make system-deps` (as root)"
+    elif os.geteuid() != 0:
+        problem = "the test SLURM cluster runs slurmd, which needs root"
+    if problem and os.environ.get("CI") == "true":
+        pytest.fail(problem)
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    _require_cluster_tools()
+    started = SlurmCluster.start()
+    yield started
+    started.stop()
+
+
+def submit(cluster: SlurmCluster, run_dir: Path, data: Path, *extra: str, check: bool = True):
+    """`mtp submit` of the tiny config as 2 processes on the one node."""
+    return run_mtp("submit", "--config", "configs/tiny-cpu.yaml", "--nodes", "1", "--nproc-per-node", "2",
+                   *TINY, f"data.dir={data}", f"run.dir={run_dir}", *extra,
+                   env=mtp_env(SLURM_CONF=str(cluster.conf)), check=check)
+
+
+def job_id(submitted) -> int:
+    return int(re.search(r"submitted job (\d+)", submitted.stdout).group(1))
+
+
+def job_log(run_dir: Path, job: int) -> str:
+    path = run_dir / f"slurm-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no job log yet)"
+
+
+def finish(cluster: SlurmCluster, run_dir: Path, job: int) -> dict[str, str]:
+    """Wait for the job to end and require that it completed, showing its log if not."""
+    info = cluster.wait_job(job, timeout=JOB_TIMEOUT)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{job_log(run_dir, job)}"
+    return info
+
+
+def wait_until(cluster: SlurmCluster, run_dir: Path, job: int, what: str, ready) -> None:
+    """Poll `ready` while the job runs; fail at once, with its log, if the job ends first."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not ready():
+        state = cluster.job(job).get("JobState")
+        if state in slurm_cluster.FINAL_STATES or time.monotonic() > deadline:
+            raise AssertionError(f"job {job} is {state} before {what}\n{job_log(run_dir, job)}")
+        time.sleep(0.2)
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def mlflow_runs(run_dir: Path) -> list:
+    """Every run in the run dir's default SQLite store, whatever its experiment."""
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, small_corpus, tmp_path_factory) -> tuple[Path, int]:
+    """An uninterrupted 20-step run submitted with `mtp submit`: 2 processes (dp=2) on the one node."""
+    run_dir = tmp_path_factory.mktemp("slurm-runs") / "reference"
+    job = job_id(submit(cluster, run_dir, small_corpus))
+    finish(cluster, run_dir, job)
+    return run_dir, job
+
+
+def test_cluster_runs_a_batch_job(cluster, tmp_path):
+    out = tmp_path / "hello.out"
+    job = int(cluster.run("sbatch", "--parsable", f"--output={out}", "--wrap",
+                          "srun hostname && echo job $SLURM_JOB_ID done").stdout.split(";")[0])
+    info = cluster.wait_job(job, timeout=60)
+    assert info["JobState"] == "COMPLETED", info
+    assert f"job {job} done" in out.read_text()
+
+
+def test_submitted_training_completes_with_metrics_checkpoint_and_mlflow(reference):
+    run_dir, job = reference
+    log = job_log(run_dir, job)
+    assert "x 2 process(es)" in log and "resumed from" not in log
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, 21))
+    assert (run_dir / "checkpoints" / "step_000020" / "COMPLETE").is_file()
+    assert (run_dir / "slurm" / "train.sbatch").read_text() == (REPO / "slurm" / "train.sbatch").read_text()
+    (run,) = mlflow_runs(run_dir)
+    assert run.info.status == "FINISHED" and "loss_head4" in run.data.metrics
+
+
+def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(cluster, reference, small_corpus,
+                                                                         tmp_path):
+    run_dir = tmp_path / "preempted"
+    job = job_id(submit(cluster, run_dir, small_corpus))
+    wait_until(cluster, run_dir, job, "its first step", lambda: steps_logged(run_dir) >= 1)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    info = finish(cluster, run_dir, job)
+    log = job_log(run_dir, job)
+    assert info["Restarts"] == "1", log
+    stopped = re.search(r"stop signal received: checkpointed step (\d+)", log)
+    assert stopped and int(stopped.group(1)) < 20, log
+    assert f"requeued job {job}" in log and f"resumed from {run_dir}/checkpoints/step_" in log
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, 21))
+    assert head_losses(metrics(run_dir), 4) == pytest.approx(head_losses(metrics(reference[0]), 4), rel=1e-6)
+    (run,) = mlflow_runs(run_dir)  # both attempts log into one run
+    assert run.info.status == "FINISHED"
+
+
+def test_stop_after_training_finished_does_not_requeue(cluster, reference, small_corpus, tmp_path):
+    run_dir = tmp_path / "finished"
+    shutil.copytree(reference[0], run_dir)
+    job = job_id(submit(cluster, run_dir, small_corpus, "tracking.enabled=false"))
+    wait_until(cluster, run_dir, job, "its batch script started", lambda: f"job {job} attempt 1" in job_log(run_dir, job))
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    info = finish(cluster, run_dir, job)
+    log = job_log(run_dir, job)
+    assert info["Restarts"] == "0", log
+    assert "training finished before the stop; not requeueing" in log
+
+
+def test_dry_run_writes_script_and_command_without_submitting(cluster, small_corpus, tmp_path):
+    run_dir = tmp_path / "dry"
+    out = submit(cluster, run_dir, small_corpus, "--dry-run")
+    script, submit_sh = run_dir / "slurm" / "train.sbatch", run_dir / "slurm" / "submit.sh"
+    assert script.read_text() == (REPO / "slurm" / "train.sbatch").read_text()
+    command = shlex.split(submit_sh.read_text().splitlines()[-1])[1:]  # after `exec`
+    assert f"command: {shlex.join(command)}" in out.stdout and "submitted job" not in out.stdout
+    assert "JobName=mtp-dry" not in cluster.run("scontrol", "show", "jobs", "-o").stdout
+    assert command[:2] == ["sbatch", "--parsable"] and str(script) in command
+    cluster.run(command[0], "--test-only", *command[1:])  # the real sbatch accepts exactly this command
+
+
+@pytest.mark.parametrize(
+    "args, env, needle",
+    [
+        (["--config", "configs/nope.yaml"], {}, "config file configs/nope.yaml not found"),
+        (["--config", "configs/tiny-cpu.yaml", "--partition", "nope"], {}, "sbatch failed:"),
+        (["--config", "configs/tiny-cpu.yaml"], {"PATH": "/nonexistent"}, "sbatch not found on PATH"),
+    ],
+)
+def test_submit_errors_are_one_line(args, env, needle, cluster, small_corpus, tmp_path):
+    base = mtp_env(SLURM_CONF=str(cluster.conf))
+    out = run_mtp("submit", *args, "--nodes", "1", *TINY, f"data.dir={small_corpus}", f"run.dir={tmp_path}",
+                  env={**base, **env}, check=False)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_daemon_that_fails_to_start_shows_its_log(monkeypatch):
+    _require_cluster_tools()
+    real_conf = slurm_cluster.slurm_conf
+    monkeypatch.setattr(slurm_cluster, "slurm_conf", lambda *args: real_conf(*args) + "NoSuchOption=1\n")
+    with pytest.raises(ClusterError) as failure:
+        SlurmCluster.start(timeout=60)
+    assert "slurmctld exited" in str(failure.value)
+    assert "NoSuchOption" in str(failure.value), "the error must carry the daemon's log tail"

@@ -1,0 +1,189 @@
+"""`mtp train` end to end on CPU: resume exactness, signals, fallback, MLflow, export.
+
+Each run is a real `mtp train` process on a tiny model over real stdlib code.
+"""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.integration.conftest import MTP, REPO, mtp_env, run_mtp
+
+TINY = [
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=4",
+    "model.loss_chunk_tokens=48", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+    "train.max_steps=20", "train.eval_interval=10", "train.eval_steps=2", "train.log_interval=5",
+    "checkpoint.interval=5", "checkpoint.keep=3", "schedule.warmup_steps=2", "optimizer.lr=3e-3",
+]
+EXPERIMENT = "mtp-tiny"  # tracking.experiment of configs/tiny-cpu.yaml
+
+
+def train(run_dir: Path, data: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_mtp("train", "--config", "configs/tiny-cpu.yaml", *TINY, f"data.dir={data}", f"run.dir={run_dir}",
+                   *extra, check=check)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def head_losses(rows: list[dict], n: int) -> list[list[float]]:
+    return [[row[f"loss_head{k}"] for k in range(1, n + 1)] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def full_run(small_corpus, tmp_path_factory) -> Path:
+    """20 uninterrupted steps of an n=4 model: the reference the other runs are held to."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    train(run_dir, small_corpus)
+    return run_dir
+
+
+def test_every_head_learns_and_metrics_are_complete(full_run):
+    rows = metrics(full_run)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    losses = head_losses(rows, 4)
+    for k in range(4):
+        first = sum(step[k] for step in losses[:3]) / 3
+        last = sum(step[k] for step in losses[-3:]) / 3
+        assert last < first - 0.5, f"head {k + 1} did not learn: {first:.3f} -> {last:.3f}"
+    assert all(r["tokens"] == r["step"] * 8 * 32 for r in rows)
+    assert {"lr", "grad_norm", "tokens_per_s", "val_loss_head4"} <= set(rows[-1])
+    assert (full_run / "config.yaml").is_file() and (full_run / "head_losses.png").is_file()
+
+
+def test_resume_equals_uninterrupted_run(full_run, small_corpus, tmp_path):
+    run_dir = tmp_path / "resumed"
+    first = train(run_dir, small_corpus, "--stop-after", "10")
+    assert "checkpoint" in first.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 11))
+    second = train(run_dir, small_corpus)
+    assert "resumed from" in second.stdout and "step_000010" in second.stdout
+    assert head_losses(metrics(run_dir), 4) == pytest.approx(head_losses(metrics(full_run), 4), rel=1e-6)
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) == 1, "a resumed run must log into the run it started"
+    history = client.get_metric_history(runs[0].info.run_id, "loss_head3")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+
+
+def test_mlflow_sqlite_store_holds_params_and_every_head(full_run):
+    client = MlflowClient(f"sqlite:///{full_run / 'mlflow.db'}")
+    (run,) = client.search_runs(experiment_ids=[client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.n_future"] == "4"
+    assert {f"loss_head{k}" for k in range(1, 5)} <= set(run.data.metrics)
+    assert run.info.run_id == (full_run / "mlflow_run_id").read_text().strip()
+
+
+def test_corrupt_newest_checkpoint_falls_back(full_run, small_corpus, tmp_path):
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(full_run, run_dir)
+    newest = run_dir / "checkpoints" / "step_000020"
+    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = train(run_dir, small_corpus)
+    assert "step_000020" in out.stderr and "skipping checkpoint" in out.stderr
+    assert "resumed from" in out.stdout and "step_000015" in out.stdout
+    assert head_losses(metrics(run_dir), 4) == pytest.approx(head_losses(metrics(full_run), 4), rel=1e-6)
+
+
+def test_sigterm_checkpoints_and_exits_zero(small_corpus, tmp_path):
+    run_dir = tmp_path / "signalled"
+    cmd = [*MTP, "train", "--config", "configs/tiny-cpu.yaml", *TINY, f"data.dir={small_corpus}",
+           f"run.dir={run_dir}", "train.max_steps=100000", "checkpoint.interval=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=mtp_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 3:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    last = metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / f"step_{last:06d}" / "COMPLETE").is_file()
+    assert "stop signal received" in out
+
+
+def test_next_token_baseline_trains(small_corpus, tmp_path):
+    run_dir = tmp_path / "n1"
+    train(run_dir, small_corpus, "model.n_future=1", "train.max_steps=10", "train.eval_interval=0")
+    rows = metrics(run_dir)
+    assert "loss_head2" not in rows[-1]
+    assert rows[-1]["loss_head1"] < rows[0]["loss_head1"] - 0.5
+
+
+def test_export_round_trips_weights(full_run, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model.safetensors"
+    run_mtp("export", "--checkpoint", str(full_run), "--out", str(out))
+    weights = load_file(str(out))
+    engine_file = full_run / "checkpoints" / "step_000020" / "engine" / "mp_rank_00_model_states.pt"
+    saved = torch.load(engine_file, map_location="cpu", weights_only=False)["module"]
+    assert set(weights) == set(saved)
+    assert all(torch.equal(weights[k], saved[k].float()) for k in saved)
+    again = run_mtp("export", "--checkpoint", str(full_run), "--out", str(out), check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_training_logs_to_a_real_mlflow_server(small_corpus, tmp_path):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.search_experiments()
+                break
+            except Exception:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not come up"
+                time.sleep(1)
+        train(tmp_path / "remote", small_corpus, f"tracking.uri={uri}", "train.max_steps=3", "train.eval_interval=0")
+        (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+        assert run.info.status == "FINISHED" and "loss_head4" in run.data.metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_stepz=5", "train.max_steps"),
+        ("train.max_steps=ten", "train.max_steps must be an integer"),
+        ("train.global_batch_size=10", "train.global_batch_size"),
+    ],
+)
+def test_bad_config_is_one_clear_line(override, needle, small_corpus, tmp_path):
+    out = run_mtp("train", "--config", "configs/tiny-cpu.yaml", f"data.dir={small_corpus}",
+                  f"run.dir={tmp_path}", override, check=False)
+    assert out.returncode == 2
+    assert needle in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
