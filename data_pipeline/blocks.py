@@ -61,7 +61,8 @@ class BlockCache:
         key = (epoch, block)
         if key not in self.loaded:
             self._request(key)
-            self._request(self.order.next_block(epoch, block))
+            if self.pool is not None:  # read ahead only when reads happen in the background
+                self._request(self.order.next_block(epoch, block))
             self.loaded = {key: self._assemble(key)}
             self.pending = {k: v for k, v in self.pending.items() if k > key}
         return self.loaded[key]

@@ -75,11 +75,6 @@ class StreamingLoader:
     def epoch(self) -> int:
         return self.consumed // self.windows_per_epoch
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Whole global batches in one epoch (a batch may straddle the epoch end)."""
-        return self.windows_per_epoch // self.global_batch_size
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Endless micro-batches from the cursor on; use one iterator at a time."""
         start = self.consumed

@@ -5,7 +5,9 @@ engine, feeds it micro-batches and reads back losses. Tensor and pipeline
 parallelism extend this file, not the trainer.
 """
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -39,9 +41,11 @@ def init_distributed(cfg: RunConfig) -> Place:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend, verbose=False, timeout=timedelta(seconds=cfg.fault.collective_timeout_s)
-    )
+    # DeepSpeed announces its CPU shared-memory op on stdout; keep stdout for our own output (--json).
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(
+            dist_backend=backend, verbose=False, timeout=timedelta(seconds=cfg.fault.collective_timeout_s)
+        )
     from parallel.megatron_setup import init_model_parallel
 
     init_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp)

@@ -28,7 +28,7 @@ BAD_SHARD_POLICIES = ("error", "skip")
 @dataclass
 class DataConfig:
     dir: str = "runs/data/stdlib-byte"  # where `mtp prepare --source stdlib --tokenizer byte` writes
-    num_workers: int = 0  # loader worker processes per rank; 0 reads in the training process
+    num_workers: int = 0  # loader threads per rank (shard reads, batch building); 0 reads in the training thread
     on_bad_shard: str = "error"  # "skip" logs and moves on instead of stopping the run
     seed: int = 1234  # the sample order is a pure function of this seed
 

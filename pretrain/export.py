@@ -54,7 +54,8 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
             "checkpoints: resume the run with parallel.tp=1 and save once, then export"
         )
     state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
+    # megatron's linear layers also save an `_extra_state` of None: nothing to export.
+    return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
 
 
 def export(checkpoint: str, out: str) -> Path:
@@ -107,7 +108,13 @@ def load_exported(path: str, device: str = "cpu"):
         tokenizer = load_tokenizer(tmp)
     init_model_parallel(tp=1, pp=1)
     model = MTPModel(cfg)
-    model.load_state_dict(load_file(path))
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not match its own model config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "export it again from the checkpoint"
+        )
     return model.to(device).eval(), tokenizer, cfg
 
 

@@ -15,8 +15,10 @@ through /proc/self/clear_refs so setup's own transient peak does not count,
 and glibc is told to return every block >= 128 KiB to the OS on free
 (MALLOC_MMAP_THRESHOLD_) so the resident set follows live tensors. On GPU,
 torch.cuda.max_memory_allocated minus the allocation after setup, in bf16.
-Gradients created by the backward (.grad of heads and unembedding, dz) are
-part of the peak in both implementations.
+Setup ends after the warm-up step, so the baseline holds the model, the
+inputs and one set of gradients, as in steady-state training; the measured
+steps free and re-create those gradients, so the peak above the baseline is
+the step's activations, logits and other temporaries.
 
 Heavy imports happen inside the handlers so `mtp --help` stays fast.
 """

@@ -43,9 +43,10 @@ def _chunk_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token loss [c] and, for the gradient, probabilities [c, Vl] and target positions.
 
-    Returns (loss, probs, local_rows, local_cols): probs is softmax over the
-    whole (sharded) vocabulary restricted to this shard; local_rows/cols
-    index the target logits this shard holds.
+    Returns (loss, probs, local, cols): probs is the softmax over the whole
+    (sharded) vocabulary restricted to this shard; `local` [c] marks the
+    tokens whose target this shard holds, at column `cols` [c] (0 elsewhere).
+    Masks instead of index lists keep the loop free of host syncs on GPUs.
     """
     acc_dtype = torch.promote_types(weight.dtype, torch.float32)
     start, end = _shard_range(weight.shape[0])
@@ -55,16 +56,14 @@ def _chunk_log_probs(
     row_max = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX)  # [c]
     logits -= row_max[:, None]
     local = (targets >= start) & (targets < end)  # [c]
-    local_rows = local.nonzero().squeeze(1)
-    local_cols = targets[local_rows] - start
-    target_logit = torch.zeros_like(row_max)
-    target_logit[local_rows] = logits[local_rows, local_cols]
-    target_logit = _all_reduce(target_logit, dist.ReduceOp.SUM)  # [c]
+    cols = torch.where(local, targets - start, 0)  # [c]
+    target_logit = torch.where(local, logits.gather(1, cols[:, None]).squeeze(1), 0.0)  # [c]
+    target_logit = _all_reduce(target_logit, dist.ReduceOp.SUM)
     probs = logits.exp_()  # [c, Vl], in place: the logits are no longer needed
     sum_exp = _all_reduce(probs.sum(dim=-1), dist.ReduceOp.SUM)  # [c]
     loss = sum_exp.log() - target_logit  # [c]
     probs /= sum_exp[:, None]
-    return loss, probs, local_rows, local_cols
+    return loss, probs, local, cols
 
 
 def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -100,11 +99,12 @@ def fused_cross_entropy(
         h = hidden[begin : begin + chunk_tokens]  # [c, d]
         t = targets[begin : begin + chunk_tokens]  # [c]
         valid = t != IGNORE_INDEX  # [c]
-        loss, probs, rows, cols = _chunk_log_probs(h, weight, t, vocab_size)
-        loss_sum += loss[valid].sum()
+        loss, probs, local, cols = _chunk_log_probs(h, weight, t, vocab_size)
+        loss_sum += torch.where(valid, loss, 0.0).sum()
         if grad_scale is None:
             continue
-        probs[rows, cols] -= 1.0  # d loss / d logits = softmax - one_hot(target)
+        # d loss / d logits = softmax - one_hot(target); the one-hot lives on the target's shard
+        probs.scatter_add_(1, cols[:, None], -local.to(probs.dtype)[:, None])
         probs *= (valid.to(acc_dtype) * grad_scale)[:, None]
         grad_logits = probs.to(weight.dtype)  # [c, Vl]
         grad_hidden[begin : begin + chunk_tokens] = grad_logits @ weight  # [c, d]

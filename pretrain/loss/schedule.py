@@ -75,6 +75,26 @@ class _HeadByHeadLoss(torch.autograd.Function):
         return (None, *(None if g is None else g.mul_(grad_total) for g in grads))
 
 
+def _head_loss(
+    plan: _Plan, k: int, normed: torch.Tensor, weight: torch.Tensor, weight_grad: torch.Tensor | None, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head k's mean loss and, if wanted (and its scale is not 0), d(scale_k * loss)/d normed [s, b, d]."""
+    tokens = plan.targets[k].reshape(-1)  # [s * b]
+    n_valid = _valid_count(tokens, torch.promote_types(weight.dtype, torch.float32))
+    scale = plan.scales[k] if want_grad else 0.0
+    loss_sum, grad_normed = fused_cross_entropy(
+        normed.detach().reshape(-1, normed.shape[-1]),  # [s * b, d]
+        weight.detach(),
+        tokens,
+        plan.stack.vocab_size,
+        plan.chunk_tokens,
+        grad_scale=scale / n_valid if scale else None,
+        grad_weight=weight_grad,
+    )
+    grad_normed = None if grad_normed is None else grad_normed.view_as(normed).to(normed.dtype)
+    return loss_sum / n_valid, grad_normed
+
+
 def _run_heads(plan: _Plan, z: torch.Tensor, weight: torch.Tensor, params: Sequence[torch.Tensor]):
     """Every head's forward and backward; returns (head_losses [n], grads for (z, weight, *params))."""
     z_leaf = z.detach().requires_grad_(z.requires_grad)  # [s, b, d]
@@ -84,37 +104,25 @@ def _run_heads(plan: _Plan, z: torch.Tensor, weight: torch.Tensor, params: Seque
     input_grads: list = [None] * len(wrt)
     acc_dtype = torch.promote_types(weight.dtype, torch.float32)
     weight_grad = torch.zeros_like(weight, dtype=acc_dtype) if weight.requires_grad else None
-    needs_grad = bool(wrt) or weight_grad is not None
-    losses, pending = [], []
+    want_grad = bool(wrt) or weight_grad is not None
+    losses, outputs, grad_outputs = [], [], []
     for k, hidden in enumerate(plan.stack.hidden_states(z_leaf)):
         normed = plan.stack.norm(hidden)  # [s, b, d]
-        tokens = plan.targets[k].reshape(-1)  # [s * b]
-        n_valid = _valid_count(tokens, acc_dtype)
-        scale = plan.scales[k] if needs_grad else 0.0
-        loss_sum, grad_normed = fused_cross_entropy(
-            normed.detach().reshape(-1, normed.shape[-1]),
-            weight.detach(),
-            tokens,
-            plan.stack.vocab_size,
-            plan.chunk_tokens,
-            grad_scale=scale / n_valid if scale else None,
-            grad_weight=weight_grad,
-        )
-        losses.append(loss_sum / n_valid)
+        loss, grad_normed = _head_loss(plan, k, normed, weight, weight_grad, want_grad)
+        losses.append(loss)
         if grad_normed is None or not wrt:
             continue
-        grad_normed = grad_normed.view_as(normed).to(normed.dtype)  # [s, b, d]
-        if plan.stack.chained:
-            pending.append((normed, grad_normed))
+        if plan.stack.chained:  # later heads still need this head's graph: one backward at the end
+            outputs.append(normed)
+            grad_outputs.append(grad_normed)
         else:
             _accumulate(input_grads, torch.autograd.grad(normed, wrt, grad_normed, allow_unused=True))
-    if pending:
-        outputs, grad_outputs = zip(*pending)
+    if outputs:
         _accumulate(input_grads, torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
     grads: list = [None] * len(inputs)
     for i, grad in zip(trainable, input_grads):
-        # A head with scale 0 (or no valid token) still gets zeros, exactly as a plain backward
-        # of 0 * loss would give, so optimizers and ZeRO see a gradient for every parameter.
+        # A parameter no head reached (every scale 0) gets zeros, as a plain backward of 0 * loss
+        # would give, so optimizers and ZeRO see a gradient for every parameter.
         grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
     weight_grad = None if weight_grad is None else weight_grad.to(weight.dtype)
     return torch.stack(losses), [grads[0], weight_grad, *grads[1:]]
@@ -122,15 +130,11 @@ def _run_heads(plan: _Plan, z: torch.Tensor, weight: torch.Tensor, params: Seque
 
 def _losses_only(plan: _Plan, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation: per-head losses, no gradient work at all."""
-    losses = []
-    for k, hidden in enumerate(plan.stack.hidden_states(z)):
-        normed = plan.stack.norm(hidden)  # [s, b, d]
-        tokens = plan.targets[k].reshape(-1)  # [s * b]
-        n_valid = _valid_count(tokens, torch.promote_types(plan.stack.weight.dtype, torch.float32))
-        loss_sum, _ = fused_cross_entropy(
-            normed.reshape(-1, normed.shape[-1]), plan.stack.weight, tokens, plan.stack.vocab_size, plan.chunk_tokens
-        )
-        losses.append(loss_sum / n_valid)
+    weight = plan.stack.weight
+    losses = [
+        _head_loss(plan, k, plan.stack.norm(hidden), weight, None, want_grad=False)[0]
+        for k, hidden in enumerate(plan.stack.hidden_states(z))
+    ]
     head_losses = torch.stack(losses)  # [n]
     return (head_losses * head_losses.new_tensor(list(plan.scales))).sum(), head_losses
 

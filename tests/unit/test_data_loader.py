@@ -8,6 +8,7 @@ import pytest
 import torch
 import webdataset
 
+from data_pipeline.info import count_windows
 from data_pipeline.loader import StreamingLoader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare
@@ -64,7 +65,7 @@ def _shard_streams(data) -> tuple[list[np.ndarray], np.ndarray]:
 def test_batches_hold_the_windows_their_ids_name(data):
     streams, first_id = _shard_streams(data)
     loader = _loaders(data, 1)[0]
-    assert loader.windows_per_epoch == first_id[-1]
+    assert loader.windows_per_epoch == first_id[-1] == count_windows(data, "train", SEQ, NF)
     it = iter(loader)
     for _ in range(30):
         batch = next(it)
