@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml Makefile | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# The CPU build lies on this machine's disk; pin it so nothing pulls a CUDA build.
@@ -38,8 +38,18 @@ system-deps:
 test: setup system-deps
 	$(BIN)/python -m pytest -q
 
+# The main job on the embedded default: the Python standard library as a
+# byte-level corpus, a tiny n=4 model trained for about ten minutes on CPU.
+# Re-running continues the same run (it is already finished the second time).
+DEMO_DATA := runs/data/stdlib-byte
+DEMO_RUN := runs/demo
+DEMO_STEPS ?= 150
 demo: setup
-	$(BIN)/mtp prepare --source stdlib --tokenizer byte --out runs/demo/data --overwrite
+	@test -f $(DEMO_DATA)/manifest.json || $(BIN)/mtp prepare --source stdlib --tokenizer byte --out $(DEMO_DATA)
+	$(BIN)/mtp train --config configs/tiny-cpu.yaml model.n_future=4 run.dir=$(DEMO_RUN) data.dir=$(DEMO_DATA) \
+		train.max_steps=$(DEMO_STEPS) schedule.warmup_steps=15 train.eval_interval=50 checkpoint.interval=50
+	rm -f $(DEMO_RUN)/model.safetensors
+	$(BIN)/mtp export --checkpoint $(DEMO_RUN) --out $(DEMO_RUN)/model.safetensors
 
 clean-venv:
 	rm -rf $(VENV)

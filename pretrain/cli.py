@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "pretrain.submit",
     "pretrain.bench.loss_memory",
     "pretrain.bench.train_step",
+    "pretrain.inference.cli",
 ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from parallel.topology import check_parallel
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, check_data_dir, config_to_dict, load_config, save_config, validate
 from pretrain.errors import UserError
@@ -30,20 +31,18 @@ ENGINE_TAG = "engine"  # DeepSpeed's sub-directory inside one of our checkpoints
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from data_pipeline.tokenizer import load_tokenizer
-        from parallel.engine import build_engine, init_distributed
-        from pretrain.model.mtp import MTPModel
+        from parallel.engine import build_engine, build_model, init_distributed
 
         self.cfg = cfg
         self.place = init_distributed(cfg)
         self.tokenizer = load_tokenizer(cfg.data.dir)
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.tokenizer.vocab_size
-        torch.manual_seed(cfg.train.seed)
-        self.model = MTPModel(cfg.model)
-        if torch.cuda.is_available():
-            self.model.cuda()
+        self.pipelined = cfg.parallel.pp > 1
+        self.model = build_model(cfg, self.place)
         self.engine = build_engine(self.model, cfg, self.place)
-        self.loader = self._loader("train")
+        # Pipeline stages between the first and the last never see a batch.
+        self.loader = self._loader("train") if self.place.feeds_data else None
         self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
         self.stop = StopFlag()
         self.step = 0
@@ -76,11 +75,23 @@ class Trainer:
             return
         path, extra = found[0]
         self._check_same_model(extra)
-        self.engine.load_checkpoint(path, tag=ENGINE_TAG)
+        self._load_engine(path, extra.get("layout"))
         ckpt.load_rng_state(path, self.place.rank)
-        self.loader.load_state_dict(extra["data"])
+        if self.loader is not None:
+            self.loader.load_state_dict(extra["data"])
         self.step, self.tokens, self.run_id = extra["step"], extra["tokens"], extra.get("mlflow_run_id")
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _load_engine(self, path: str, saved_layout: dict | None) -> None:
+        """DeepSpeed's loader for the layout that wrote the checkpoint, our reshard for any other."""
+        from parallel.reshard import layout_record, load_resharded
+
+        here = layout_record(self.cfg, self.place)
+        if saved_layout is None or saved_layout == here:
+            self.engine.load_checkpoint(path, tag=ENGINE_TAG)
+            return
+        self._print(f"resharding {path}: saved as {_layout_text(saved_layout)}, running as {_layout_text(here)}")
+        load_resharded(path, self.engine, self.place)
 
     def _check_same_model(self, extra: dict) -> None:
         from dataclasses import asdict
@@ -97,24 +108,32 @@ class Trainer:
 
     def train_step(self, batches) -> tuple[float, list[float], float]:
         """One optimizer step over this rank's micro-batches; returns (loss, head losses, grad norm)."""
-        from parallel.engine import grad_norm, unclipped_grad_norm
+        from parallel.engine import grad_norm
 
+        if self.pipelined:
+            return self._pipeline_step(batches)
         self.model.train()
-        loss_sum, heads_sum, norm = 0.0, None, float("nan")
+        loss_sum, heads_sum = 0.0, None
         n_micro = self.loader.micro_batches_per_step
-        for i in range(n_micro):
+        for _ in range(n_micro):
             batch = self._to_device(next(batches))
             loss, head_losses = self.engine(batch["input_ids"], batch["labels"], step=self.step)
             self.engine.backward(loss)
-            if i == n_micro - 1 and self.cfg.parallel.zero_stage == 0:
-                norm = unclipped_grad_norm(self.model)
             self.engine.step()
             loss_sum += float(loss.detach())
             heads_sum = head_losses.detach().float() if heads_sum is None else heads_sum + head_losses.detach().float()
-        if self.cfg.parallel.zero_stage > 0:
-            norm = grad_norm(self.engine)
         means = self._dp_mean(torch.cat([torch.tensor([loss_sum]), heads_sum.cpu()]) / n_micro)
-        return float(means[0]), means[1:].tolist(), norm
+        return float(means[0]), means[1:].tolist(), grad_norm(self.engine)
+
+    def _pipeline_step(self, batches) -> tuple[float, list[float], float]:
+        """The pipeline engine runs every micro-batch and the optimizer step; the last stage's losses reach rank 0."""
+        from parallel.engine import grad_norm
+        from parallel.pipeline import reduce_head_losses
+
+        self.model.step = self.step
+        self.engine.train_batch(_pairs(batches) if batches is not None else None)
+        means = reduce_head_losses(self.model, self.place.dp_size)
+        return means[0], means[1:], grad_norm(self.engine)
 
     def _to_device(self, batch: dict) -> dict:
         if not torch.cuda.is_available():
@@ -135,6 +154,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> list[float]:
         """Every head's mean loss on the first `eval_steps` validation micro-batches of this rank."""
+        if self.pipelined:
+            return self._pipeline_evaluate()
         self.model.eval()
         total = None
         batches = iter(self._loader("val"))
@@ -144,15 +165,26 @@ class Trainer:
             total = head_losses.float().cpu() if total is None else total + head_losses.float().cpu()
         return self._dp_mean(total / self.cfg.train.eval_steps).tolist()
 
+    def _pipeline_evaluate(self) -> list[float]:
+        from parallel.pipeline import reduce_head_losses
+
+        self.model.step = self.step
+        batches = _pairs(iter(self._loader("val"))) if self.place.feeds_data else None
+        self.engine.eval_batch(batches, num_micro_batches=self.cfg.train.eval_steps)
+        return reduce_head_losses(self.model, self.place.dp_size)[1:]
+
     # ---- checkpoints ----------------------------------------------------------
 
     def save(self) -> None:
         """Every rank writes its engine shard into one temp dir; rank 0 seals it (see checkpoint.py)."""
         from dataclasses import asdict
 
+        from parallel.reshard import layout_record, save_layout
+
         tmp = self.store.begin(self.step) if self.is_main else self.store.tmp_dir(self.step)
         dist.barrier()
         self.engine.save_checkpoint(tmp, tag=ENGINE_TAG)
+        save_layout(tmp, self.engine, self.place)
         ckpt.save_rng_state(tmp, self.place.rank)
         dist.barrier()
         if self.is_main:
@@ -161,6 +193,7 @@ class Trainer:
             extra = {
                 "step": self.step, "tokens": self.tokens, "data": self.loader.state_dict(),
                 "mlflow_run_id": self.run_id, "model": asdict(self.cfg.model),
+                "layout": layout_record(self.cfg, self.place),
             }
             final = self.store.commit(tmp, self.step, extra)
             self._print(f"checkpoint {final}")
@@ -178,7 +211,7 @@ class Trainer:
         metrics = self._start_run_dir(tracker)
         throughput = Throughput()
         throughput.update(self.step, self.tokens)
-        batches = iter(self.loader)
+        batches = iter(self.loader) if self.loader is not None else None
         while self.step < last_step:
             lr = self.engine.get_lr()[0]
             loss, heads, norm = self.train_step(batches)
@@ -267,10 +300,21 @@ class Trainer:
             print(line, flush=True)
 
 
+def _pairs(batches):
+    """Loader dicts as the (inputs, labels) tuples DeepSpeed's pipeline engine reads."""
+    for batch in batches:
+        yield batch["input_ids"], batch["labels"]
+
+
+def _layout_text(layout: dict) -> str:
+    return f"tp={layout['tp']} pp={layout['pp']} dp={layout['dp']} zero_stage={layout['zero_stage']}"
+
+
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
+    check_parallel(cfg, getattr(cfg.parallel, "layers_per_stage", None))
     check_data_dir(cfg)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.stop_after is not None and args.stop_after < 1:

@@ -80,13 +80,15 @@ def register(subparsers, bench_subparsers) -> None:
 def _cases(args: argparse.Namespace) -> list[Case]:
     if args.small:
         args.tokens, args.seq_len, args.vocab, args.d_model, args.chunk_tokens = 1024, 256, 4096, 256, 256
+    if min(args.tokens, args.seq_len, args.vocab, args.d_model, args.chunk_tokens, args.repeats) < 1:
+        raise UserError("--tokens, --seq-len, --vocab, --d-model, --chunk-tokens and --repeats must be >= 1")
     if args.tokens % args.seq_len or args.d_model % 64:
         raise UserError("--tokens must be a multiple of --seq-len and --d-model a multiple of 64")
-    device = args.device
-    if device == "auto":
-        import torch
+    import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     shape = dict(tokens=args.tokens, seq_len=args.seq_len, vocab=args.vocab, d_model=args.d_model,
                  head_type=args.head_type, chunk_tokens=args.chunk_tokens, device=device, repeats=args.repeats)
     return [Case(impl=impl, n_future=n, **shape) for n in N_VALUES for impl in IMPLS]

@@ -8,8 +8,16 @@ QKV projection, rotary positions and output projection around it.
 
 Keys may be longer than queries (`sk >= sq`): the causal mask is then
 aligned to the end, query i sitting at absolute position `sk - sq + i`. That
-is what incremental decoding with a KV cache needs, so a cache can later
-append to the keys and values without touching this module.
+is what a KV cache needs.
+
+For incremental decoding `pretrain.inference` attaches a cache to the module
+(`kv_cache`, None in training). The layer around it still does everything
+else exactly as in training (norms, QKV projection, rotary positions of the
+new tokens, output projection, MLP); this module only stores the new keys
+and values in the cache and attends over the cached ones under the cache's
+mask, which follows every sequence's own length. Keeping the cache here,
+below megatron's `SelfAttention`, means the trunk and the transformer heads
+get incremental decoding with no second copy of the layer's code.
 """
 
 import torch
@@ -50,6 +58,7 @@ class SDPAttention(MegatronModule):
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale  # None: SDPA's 1/sqrt(hn)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.kv_cache = None  # a pretrain.inference.kv_cache.LayerCache while decoding
 
     def forward(
         self,
@@ -64,11 +73,13 @@ class SDPAttention(MegatronModule):
         if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPAttention takes no explicit mask, bias or packed sequences: it is causal")
         sq, b, n_q, hn = query.shape
-        sk = key.shape[0]
+        if self.kv_cache is not None:
+            key, value, mask = self.kv_cache.extend(key, value)  # [sk, b, ng, hn] x2, [b, 1, sq, sk]
+        else:
+            mask = None if sq == key.shape[0] else causal_mask(sq, key.shape[0], query.device)
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         v = value.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
-        mask = None if sq == sk else causal_mask(sq, sk, query.device)
         out = F.scaled_dot_product_attention(
             q,
             k,

@@ -8,7 +8,7 @@ megatron.
 """
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 
 from parallel.megatron_setup import init_model_parallel
 from pretrain.errors import UserError
@@ -25,8 +25,10 @@ class MTPModel(torch.nn.Module):
     """Llama-style decoder on megatron-core with `cfg.n_future` output heads.
 
     Builds on whatever tensor-parallel groups exist; with none, it starts a
-    single-process group itself (tp=1). `params_dtype` is float32 on CPU,
-    bfloat16 on GPUs, float64 for gradient checks.
+    single-process group itself (tp=1). Weights live on the current GPU when
+    there is one, else on the CPU.
+    `params_dtype` is float32 on CPU, bfloat16 on GPUs, float64 for
+    gradient checks.
     """
 
     def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32):
@@ -36,6 +38,11 @@ class MTPModel(torch.nn.Module):
         cfg.validate()
         if not parallel_state.model_parallel_is_initialized():
             init_model_parallel()
+        cuda = torch.cuda.is_available()
+        if cuda and not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+            # megatron draws GPU weights from its tensor-parallel RNG tracker: seed it from
+            # torch's own seed, so `torch.manual_seed(s)` alone still fixes the weights
+            tensor_parallel.model_parallel_cuda_manual_seed(torch.initial_seed() % 2**31)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.cfg = cfg
         self.params_dtype = params_dtype
@@ -44,7 +51,8 @@ class MTPModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(build_layer(tcfg, i + 1) for i in range(cfg.trunk_layers))
         self.heads = build_heads(cfg, tcfg)
         self.unembedding = Unembedding(tcfg, cfg.padded_vocab(tp), cfg.vocab_size)
-        self.to(params_dtype)  # megatron's torch norms are created in float32 whatever params_dtype says
+        # megatron's torch norms are created on the CPU in float32 whatever the other weights are
+        self.to(device=torch.cuda.current_device() if cuda else "cpu", dtype=params_dtype)
 
     def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [s, 1, 1, head_dim] for positions 0 .. seq_len - 1."""

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from tests.integration import slurm_cluster
 from tests.integration.conftest import REPO, mtp_env, run_mtp
 from tests.integration.slurm_cluster import ClusterError, SlurmCluster, missing_tools
-from tests.integration.test_train import TINY, head_losses, metrics
+from tests.integration.test_train import TINY, metrics
 
 JOB_TIMEOUT = 420  # seconds one training job may take, requeue included, before the test fails
 
@@ -60,10 +61,15 @@ def job_log(run_dir: Path, job: int) -> str:
     return path.read_text(errors="replace") if path.exists() else "(no job log yet)"
 
 
+def shown(run_dir: Path, job: int, lines: int = 60) -> str:
+    """The end of the job's log, for assertion messages."""
+    return "\n".join(job_log(run_dir, job).splitlines()[-lines:])
+
+
 def finish(cluster: SlurmCluster, run_dir: Path, job: int) -> dict[str, str]:
     """Wait for the job to end and require that it completed, showing its log if not."""
     info = cluster.wait_job(job, timeout=JOB_TIMEOUT)
-    assert info["JobState"] == "COMPLETED", f"{info}\n{job_log(run_dir, job)}"
+    assert info["JobState"] == "COMPLETED", f"{info}\n{shown(run_dir, job)}"
     return info
 
 
@@ -73,7 +79,7 @@ def wait_until(cluster: SlurmCluster, run_dir: Path, job: int, what: str, ready)
     while not ready():
         state = cluster.job(job).get("JobState")
         if state in slurm_cluster.FINAL_STATES or time.monotonic() > deadline:
-            raise AssertionError(f"job {job} is {state} before {what}\n{job_log(run_dir, job)}")
+            raise AssertionError(f"job {job} is {state} before {what}\n{shown(run_dir, job)}")
         time.sleep(0.2)
 
 
@@ -84,7 +90,7 @@ def steps_logged(run_dir: Path) -> int:
 
 def flat_head_losses(run_dir: Path) -> list[float]:
     """Every head's loss at every step, in one flat list (pytest.approx compares flat lists)."""
-    return [loss for step in head_losses(metrics(run_dir), 4) for loss in step]
+    return [row[f"loss_head{k}"] for row in metrics(run_dir) for k in range(1, 5)]
 
 
 def mlflow_runs(run_dir: Path) -> list:
@@ -130,9 +136,9 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(cluste
     cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     info = finish(cluster, run_dir, job)
     log = job_log(run_dir, job)
-    assert info["Restarts"] == "1", log
+    assert info["Restarts"] == "1", shown(run_dir, job)
     stopped = re.search(r"stop signal received: checkpointed step (\d+)", log)
-    assert stopped and int(stopped.group(1)) < 20, log
+    assert stopped and int(stopped.group(1)) < 20, shown(run_dir, job)
     assert f"requeued job {job}" in log and f"resumed from {run_dir}/checkpoints/step_" in log
     assert [row["step"] for row in metrics(run_dir)] == list(range(1, 21))
     assert flat_head_losses(run_dir) == pytest.approx(flat_head_losses(reference[0]), rel=1e-6)
@@ -140,16 +146,46 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(cluste
     assert run.info.status == "FINISHED"
 
 
+def worker_pid(job: int, local_rank: int) -> int | None:
+    """The first attempt's `mtp train` process of this job with this LOCAL_RANK (torchrun sets it)."""
+    wanted = {f"SLURM_JOB_ID={job}".encode(), f"LOCAL_RANK={local_rank}".encode(), b"TORCHELASTIC_RESTART_COUNT=0"}
+    for entry in Path("/proc").iterdir():
+        try:
+            env = set((entry / "environ").read_bytes().split(b"\0")) if entry.name.isdigit() else set()
+        except OSError:
+            continue
+        if wanted <= env:
+            return int(entry.name)
+    return None
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes_exactly(cluster, reference, small_corpus, tmp_path):
+    run_dir = tmp_path / "worker-killed"
+    job = job_id(submit(cluster, run_dir, small_corpus))
+    wait_until(cluster, run_dir, job, "its checkpoint at step 5", lambda: steps_logged(run_dir) >= 6)
+    victim = worker_pid(job, local_rank=1)
+    assert victim, f"no training process with LOCAL_RANK=1 in job {job}\n{shown(run_dir, job)}"
+    os.kill(victim, signal.SIGKILL)
+    info = finish(cluster, run_dir, job)
+    log = job_log(run_dir, job)
+    assert info["Restarts"] == "0", "torchrun, not SLURM, must handle a worker failure"
+    assert "failed (exitcode: -9) local_rank: 1" in log, shown(run_dir, job)
+    assert f"resumed from {run_dir}/checkpoints/step_" in log, shown(run_dir, job)
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, 21))
+    assert flat_head_losses(run_dir) == pytest.approx(flat_head_losses(reference[0]), rel=1e-6)
+
+
 def test_stop_after_training_finished_does_not_requeue(cluster, reference, small_corpus, tmp_path):
     run_dir = tmp_path / "finished"
     shutil.copytree(reference[0], run_dir)
     job = job_id(submit(cluster, run_dir, small_corpus, "tracking.enabled=false"))
-    wait_until(cluster, run_dir, job, "its batch script started", lambda: f"job {job} attempt 1" in job_log(run_dir, job))
+    started = f"job {job} attempt 1"  # printed after the batch shell set its traps
+    wait_until(cluster, run_dir, job, "its batch script started", lambda: started in job_log(run_dir, job))
     cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     info = finish(cluster, run_dir, job)
     log = job_log(run_dir, job)
-    assert info["Restarts"] == "0", log
-    assert "training finished before the stop; not requeueing" in log
+    assert info["Restarts"] == "0", shown(run_dir, job)
+    assert "training finished before the stop; not requeueing" in log, shown(run_dir, job)
 
 
 def test_dry_run_writes_script_and_command_without_submitting(cluster, small_corpus, tmp_path):

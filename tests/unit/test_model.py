@@ -187,3 +187,23 @@ def test_padded_vocab():
     assert ModelConfig(vocab_size=257).padded_vocab(1) == 384
     assert ModelConfig(vocab_size=257).padded_vocab(4) == 512
     assert ModelConfig(vocab_size=32000).padded_vocab(2) == 32000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_model_on_gpu_matches_the_naive_loss():
+    from pretrain.loss import naive_mtp_loss
+
+    seed_everything(0)
+    model = MTPModel(tiny("transformer", 2, vocab_size=1000, loss_chunk_tokens=64), params_dtype=torch.bfloat16)
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in model.parameters())
+    seq = torch.randint(0, 1000, (4, 130), device="cuda")
+    ids, labels = shifted_batch(seq, 128, 2)
+    loss, head_losses = model(ids, labels)
+    z = model.trunk(ids)
+    targets = labels.permute(1, 2, 0).contiguous()
+    stack = model.head_stack(128, z.device, lambda i, _: targets[i].clamp(min=0))
+    naive_loss, naive_heads = naive_mtp_loss(z, targets, stack, model.cfg.head_scales(0))
+    torch.testing.assert_close(head_losses, naive_heads, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert all(torch.isfinite(p.grad.float()).all() for p in model.parameters())

@@ -1,0 +1,186 @@
+"""The MTP model as a DeepSpeed `PipelineModule`: embedding first, trunk split, heads + loss last.
+
+Pipeline layers, in order (`parallel.topology.stage_parts` splits them):
+
+    0          EmbeddingStage     input_ids [b, s] -> hidden [s, b, d]        always on stage 0
+    1 .. L     TrunkLayerStage    hidden [s, b, d] -> hidden [s, b, d]        one megatron TransformerLayer each
+    L + 1      HeadsStage         z [s, b, d] -> z (identity)                 always on the last stage
+
+DeepSpeed hands the last stage's output and the batch's labels to the
+module's `loss_fn`, here `MTPPipeline._head_loss`: MTPModel's own
+`head_loss` (the per-head forward/backward schedule with the fused,
+vocab-parallel cross-entropy) run on the HeadsStage. Batches are
+`(input_ids, labels)` tuples: DeepSpeed gives input_ids to stage 0 and labels
+to the last stage, so only those two stages read data.
+
+Weights: the stages are built in MTPModel's order on every rank, each rank
+keeping only its own and dropping the others as soon as they are built. The
+random draws then happen exactly as in a one-process MTPModel, so a pipeline
+starts from the same weights as a pp=1 run of the same seed (and tensor
+parallelism splits the same master weights), which is what makes layouts
+comparable step for step.
+"""
+
+import contextlib
+import sys
+
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+from megatron.core import parallel_state
+
+from parallel.topology import stage_parts
+from pretrain.model.config import ModelConfig
+from pretrain.model.heads import build_heads
+from pretrain.model.layers import build_layer
+from pretrain.model.megatron_config import transformer_config
+from pretrain.model.mtp import MTPModel
+from pretrain.model.rotary import rotary_angles
+from pretrain.model.vocab import TokenEmbedding, Unembedding
+
+
+class EmbeddingStage(torch.nn.Module):
+    """Vocab-parallel token embedding, the first pipeline layer."""
+
+    def __init__(self, tcfg, padded_vocab: int):
+        super().__init__()
+        self.embedding = TokenEmbedding(tcfg, padded_vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids.t())  # [b, s] -> [s, b, d]
+
+
+class TrunkLayerStage(torch.nn.Module):
+    """One trunk TransformerLayer; computes its own rotary angles so stages pass one tensor."""
+
+    def __init__(self, cfg: ModelConfig, tcfg, layer_number: int, params_dtype: torch.dtype):
+        super().__init__()
+        self.layer = build_layer(tcfg, layer_number)
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.theta = cfg.rope_theta
+        self.angle_dtype = torch.float64 if params_dtype == torch.float64 else torch.float32
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        rotary = rotary_angles(hidden.shape[0], self.head_dim, self.theta, hidden.device, dtype=self.angle_dtype)
+        out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
+        return out  # [s, b, d]
+
+
+class HeadsStage(torch.nn.Module):
+    """The n heads and the shared unembedding; the loss runs MTPModel's `head_loss` on them.
+
+    MTPModel's methods are borrowed rather than copied, so the pipeline's last
+    stage computes exactly what a one-process model computes.
+    """
+
+    head_stack = MTPModel.head_stack
+    head_loss = MTPModel.head_loss
+    rotary = MTPModel.rotary
+    embedding = None  # only sequential heads embed tokens, and they are refused with pp > 1
+
+    def __init__(self, cfg: ModelConfig, tcfg, padded_vocab: int, params_dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.params_dtype = params_dtype
+        self.heads = build_heads(cfg, tcfg)
+        self.unembedding = Unembedding(tcfg, padded_vocab, cfg.vocab_size)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z  # the loss_fn does the work: it needs the labels
+
+
+def _stage_layers(cfg: ModelConfig, parts: list[int], stage: int, params_dtype: torch.dtype) -> list:
+    """This stage's modules in place, LayerSpec placeholders (never built) elsewhere.
+
+    Earlier stages' modules are built and dropped so the RNG advances exactly
+    as in MTPModel.__init__ (see the module docstring).
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tcfg = transformer_config(cfg, tp, params_dtype)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    makers = [(EmbeddingStage, lambda: EmbeddingStage(tcfg, cfg.padded_vocab(tp)))]
+    makers += [(TrunkLayerStage, lambda i=i: TrunkLayerStage(cfg, tcfg, i + 1, params_dtype))
+               for i in range(cfg.trunk_layers)]
+    makers.append((HeadsStage, lambda: HeadsStage(cfg, tcfg, cfg.padded_vocab(tp), params_dtype)))
+    first, stop = parts[stage], parts[stage + 1]
+    layers = []
+    for idx, (cls, make) in enumerate(makers):
+        if idx >= stop:
+            layers.append(LayerSpec(cls))
+            continue
+        module = make()
+        layers.append(module.to(device=device, dtype=params_dtype) if idx >= first else LayerSpec(cls))
+    return layers
+
+
+class MTPPipeline(PipelineModule):
+    """PipelineModule over the MTP model with our stage split and the per-head loss on the last stage.
+
+    `step` (set by the trainer before each batch) picks the head loss scales;
+    the last stage sums every micro-batch's per-head losses for logging
+    (`reduce_head_losses`).
+    """
+
+    def __init__(self, cfg: ModelConfig, topology, params_dtype: torch.dtype = torch.float32,
+                 recompute: bool = False, layers_per_stage: list[int] | None = None):
+        pp = topology.get_dim("pipe")
+        parts = stage_parts(cfg, pp, layers_per_stage)
+        stage = topology.get_coord(dist.get_rank()).pipe
+        object.__setattr__(self, "_fixed_parts", parts)  # read by _partition_layers inside super().__init__
+        layers = _stage_layers(cfg, parts, stage, params_dtype)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints the partition on stdout
+            super().__init__(
+                layers, topology=topology, partition_method="uniform",
+                activation_checkpoint_interval=1 if recompute else 0,
+                checkpointable_layers=[TrunkLayerStage.__name__],
+            )
+        self.cfg = cfg
+        self.step = 0
+        self.micro_batches = 0
+        self.sums: torch.Tensor | None = None  # [1 + n]: loss, head losses summed over micro-batches
+        if self.stage_id == pp - 1:
+            self.loss_fn = self._head_loss
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        """DeepSpeed's hook for the split; ours weighs the head block as n layers (topology.stage_parts)."""
+        self.parts = list(self._fixed_parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _head_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, head_losses = self.forward_funcs[-1].head_loss(z, labels, self.step)
+        values = torch.cat([loss.detach().reshape(1), head_losses.detach()]).float()  # [1 + n]
+        self.sums = values if self.sums is None else self.sums + values
+        self.micro_batches += 1
+        return loss
+
+
+def reduce_head_losses(pipe: MTPPipeline, dp_size: int) -> list[float]:
+    """[loss, head 1 .. head n] of the last batch, mean over micro-batches and data-parallel ranks, on every rank.
+
+    Only last-stage ranks of tensor rank 0 hold sums; one all-reduce over the
+    world brings them to rank 0 (on stage 0), which logs them.
+    """
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    values = torch.zeros(1 + pipe.cfg.n_future, device=device)
+    if pipe.sums is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        values = (pipe.sums / pipe.micro_batches).to(device)
+    pipe.sums, pipe.micro_batches = None, 0
+    dist.all_reduce(values)
+    return (values.cpu() / dp_size).tolist()
+
+
+def global_name(local: str, trunk_layers: int) -> str:
+    """The MTPModel parameter name of a pipeline parameter: '3.layer.x' -> 'layers.2.x', '0.embedding.x' -> 'embedding.x'."""
+    index, _, rest = local.partition(".")
+    if 1 <= int(index) <= trunk_layers:
+        return f"layers.{int(index) - 1}.{rest.removeprefix('layer.')}"
+    return rest
+
+
+def named_global_parameters(module: torch.nn.Module) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """(engine-module name, MTPModel name, parameter) of every local parameter."""
+    if isinstance(module, MTPPipeline):
+        trunk = module.cfg.trunk_layers
+        return [(name, global_name(name, trunk), p) for name, p in module.named_parameters()]
+    return [(name, name, p) for name, p in module.named_parameters()]

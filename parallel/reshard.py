@@ -1,0 +1,280 @@
+"""Checkpoints across layouts: read any (tp, pp, dp, ZeRO) checkpoint as whole tensors, load into any other.
+
+DeepSpeed writes a checkpoint as its ranks hold it: tensor-parallel shards
+(`mp_rank_XX`), pipeline layers (`layer_NN-model_XX`), ZeRO partitions of
+flat optimizer buffers (`zero_pp_rank_D_mp_rank_XX_optim_states.pt`). Its
+own loader only reads a checkpoint back into the layout that wrote it. So
+next to DeepSpeed's files every checkpoint gets a small description of what
+each (pipeline stage, tensor rank) held (`layout/ppNN_tpNN.json`: the
+MTPModel name, local shape and tensor-parallel split of every parameter),
+and from that this module rebuilds, per parameter, the whole fp32 weight
+and its Adam moments:
+
+    DeepSpeed files --(SavedCheckpoint.full)--> whole tensors --(load_resharded)--> this rank's slices
+
+Resuming under another layout reads, on every rank, only the parameters
+that rank holds (files are memory-mapped), cuts its tensor-parallel slice,
+re-pads the vocabulary rows for the new tensor-parallel size, and writes
+weights, fp32 master weights, Adam moments, step counters and the learning
+rate schedule into the freshly built engine. `full_model_state` gives export
+the consolidated weights of any layout.
+
+Supported sources and targets: ZeRO stages 0, 1 and 2 (and DeepSpeed's
+bf16 optimizer, which uses the ZeRO file format). ZeRO-3 checkpoints resume
+only under the layout that wrote them.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from parallel.pipeline import named_global_parameters
+from pretrain.errors import UserError
+from pretrain.train import ENGINE_TAG
+LAYOUT_DIR = "layout"
+VOCAB_PARAMS = ("embedding.embed.weight", "unembedding.output.weight")  # rows = padded vocabulary
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def layout_record(cfg, place) -> dict:
+    """What decides how a checkpoint's files are cut; equal records load with DeepSpeed's own loader."""
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "dp": place.dp_size, "zero_stage": p.zero_stage, "dtype": p.dtype,
+            "layers_per_stage": getattr(p, "layers_per_stage", None)}
+
+
+def save_layout(step_dir: str, engine, place) -> None:
+    """Describe this rank's shard (one writer per stage and tensor rank: data-parallel rank 0)."""
+    if place.dp_rank != 0:
+        return
+    opt_index = _optimizer_indices(engine)
+    params = []
+    for local, name, p in named_global_parameters(engine.module):
+        params.append({
+            "name": name, "local": local, "shape": list(p.shape),
+            "split": bool(getattr(p, "tensor_model_parallel", False)),
+            "dim": int(getattr(p, "partition_dim", 0)), "stride": int(getattr(p, "partition_stride", 1)),
+            "opt_index": opt_index.get(id(p)),
+        })
+    record = {"pp": place.pp_rank, "tp": place.tp_rank, "mp_rank": engine.checkpoint_mp_rank, "params": params}
+    path = Path(step_dir) / LAYOUT_DIR / f"pp{place.pp_rank:02d}_tp{place.tp_rank:02d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def _optimizer_indices(engine) -> dict[int, int]:
+    """Position of each parameter in a plain torch optimizer's state_dict (ZeRO stores no such thing)."""
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
+        return {}
+    flat = [p for group in engine.optimizer.param_groups for p in group["params"]]
+    return {id(p): i for i, p in enumerate(flat)}
+
+
+class SavedCheckpoint:
+    """Whole fp32 tensors of one checkpoint, read lazily from DeepSpeed's files (memory-mapped)."""
+
+    def __init__(self, step_dir: str):
+        self.root = Path(step_dir)
+        extra = json.loads((self.root / "extra.json").read_text())
+        self.layout = extra.get("layout") or {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0, "dtype": "float32"}
+        self.vocab_size = extra["model"]["vocab_size"]
+        if self.layout["zero_stage"] == 3:
+            raise UserError(f"{step_dir} is a ZeRO-3 checkpoint, which resumes only under its own layout "
+                            f"(parallel.tp/pp/dp/zero_stage = {self._saved_layout()}); resume with those settings")
+        self._files: dict[str, dict] = {}
+        self.shards = self._read_shards()
+        self.by_name: dict[str, list[tuple[dict, dict]]] = {}
+        for shard in sorted(self.shards, key=lambda s: s["tp"]):
+            for rec in shard["params"]:
+                self.by_name.setdefault(rec["name"], []).append((shard, rec))
+
+    def _saved_layout(self) -> str:
+        return "/".join(str(self.layout[k]) for k in ("tp", "pp", "dp", "zero_stage"))
+
+    def _read_shards(self) -> list[dict]:
+        files = sorted((self.root / LAYOUT_DIR).glob("pp*_tp*.json"))
+        if files:
+            return [json.loads(f.read_text()) for f in files]
+        if (self.layout["tp"], self.layout["pp"]) != (1, 1):
+            raise UserError(f"{self.root} has no {LAYOUT_DIR}/ description of its shards; resume it with the "
+                            f"layout that wrote it (parallel.tp/pp/dp/zero_stage = {self._saved_layout()})")
+        return [self._single_shard()]
+
+    def _single_shard(self) -> dict:
+        """tp=pp=1 checkpoints written before layouts were recorded: the module holds every name."""
+        module = self._file("mp_rank_00_model_states.pt")["module"]
+        names = [k for k, v in module.items() if torch.is_tensor(v)]
+        return {"pp": 0, "tp": 0, "mp_rank": 0, "params": [
+            {"name": n, "local": n, "shape": list(module[n].shape), "split": False, "dim": 0, "stride": 1,
+             "opt_index": None} for n in names]}
+
+    def _file(self, name: str) -> dict:
+        """A DeepSpeed file, memory-mapped once: only the bytes of tensors actually sliced are read."""
+        if name not in self._files:
+            path = self.root / ENGINE_TAG / name
+            if not path.is_file():
+                raise UserError(f"checkpoint file {path} is missing; the checkpoint is incomplete, resume from another")
+            self._files[name] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return self._files[name]
+
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def full(self, name: str) -> dict[str, torch.Tensor]:
+        """{'param', 'exp_avg', 'exp_avg_sq'} of MTPModel parameter `name`, whole, vocabulary rows unpadded."""
+        pieces = [self._local(shard, rec) for shard, rec in self.by_name[name]]
+        rec = self.by_name[name][0][1]
+        out = {}
+        for kind in pieces[0]:
+            parts = [piece[kind] for piece in pieces]
+            whole = unshard(parts, rec["dim"], rec["stride"]) if rec["split"] and len(parts) > 1 else parts[0]
+            out[kind] = whole[: self.vocab_size] if name in VOCAB_PARAMS else whole
+        return out
+
+    def _local(self, shard: dict, rec: dict) -> dict[str, torch.Tensor]:
+        if self.layout["zero_stage"] == 0 and self.layout["dtype"] == "float32":
+            return self._plain(shard, rec)
+        return self._zero(shard, rec)
+
+    def _plain(self, shard: dict, rec: dict) -> dict[str, torch.Tensor]:
+        """ZeRO stage 0: weights in the module (or layer) files, Adam moments in the torch optimizer's state."""
+        engine_file = self._file(f"mp_rank_{shard['mp_rank']:02d}_model_states.pt")
+        if self.layout["pp"] == 1:
+            param = engine_file["module"][rec["local"]]
+        else:
+            layer, _, key = rec["local"].partition(".")
+            param = self._file(f"layer_{int(layer):02d}-model_{shard['tp']:02d}-model_states.pt")[key]
+        out = {"param": param.float()}
+        if rec["opt_index"] is not None:
+            state = engine_file["optimizer"]["state"][rec["opt_index"]]
+            out.update({k: state[k].float() for k in MOMENTS})
+        return out
+
+    def _zero(self, shard: dict, rec: dict) -> dict[str, torch.Tensor]:
+        """ZeRO 1/2 (and bf16): each data-parallel rank holds consecutive fragments of flat fp32 buffers."""
+        prefix = "bf16_" if self.layout["dtype"] == "bfloat16" else ""
+        fragments = {"param": [], "exp_avg": [], "exp_avg_sq": []}
+        for d in range(self.layout["dp"]):
+            osd = self._file(f"{prefix}zero_pp_rank_{d}_mp_rank_{shard['mp_rank']:02d}_optim_states.pt")
+            osd = osd["optimizer_state_dict"]
+            for group, mapping in enumerate(osd["param_slice_mappings"]):
+                address = mapping.get(rec["local"])
+                if address is None:
+                    continue
+                state = osd["base_optimizer_state"]["state"][group]
+                sources = {"param": osd["single_partition_of_fp32_groups"][group], **{k: state[k] for k in MOMENTS}}
+                for kind, flat in sources.items():
+                    fragments[kind].append(flat.narrow(0, address.start, address.numel))
+        return {kind: torch.cat(parts).float().view(rec["shape"]) for kind, parts in fragments.items()}
+
+    def counters(self) -> dict:
+        """Optimizer step, engine step counters and the learning-rate schedule's state."""
+        engine_file = self._file("mp_rank_00_model_states.pt")
+        if self.layout["zero_stage"] == 0 and self.layout["dtype"] == "float32":
+            step = next(iter(engine_file["optimizer"]["state"].values()))["step"]
+        else:
+            prefix = "bf16_" if self.layout["dtype"] == "bfloat16" else ""
+            osd = self._file(f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+            step = osd["base_optimizer_state"]["state"][0]["step"]
+        keys = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
+        return {"step": float(step), **{k: engine_file[k] for k in keys}}
+
+
+def unshard(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Whole tensor from tensor-parallel shards; rank r holds stride-chunks r, r + tp, ... (megatron's split)."""
+    chunks = [part.chunk(stride, dim) for part in parts]
+    return torch.cat([chunks[r][k] for k in range(stride) for r in range(len(parts))], dim)
+
+
+def shard(whole: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of `whole`, as megatron's `_initialize_affine_weight_cpu` cuts the master weight."""
+    chunks = whole.chunk(size * stride, dim)
+    return torch.cat(chunks[rank::size], dim)
+
+
+def pad_rows(whole: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows up to the padded vocabulary of the new tensor-parallel size (padding ids are never used)."""
+    if whole.shape[0] == rows:
+        return whole
+    return torch.cat([whole, whole.new_zeros(rows - whole.shape[0], *whole.shape[1:])])
+
+
+def full_model_state(step_dir: str, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of any layout's checkpoint, vocabulary rows padded to `padded_vocab`."""
+    saved = SavedCheckpoint(step_dir)
+    out = {}
+    for name in saved.names():
+        weight = saved.full(name)["param"]
+        out[name] = pad_rows(weight, padded_vocab) if name in VOCAB_PARAMS else weight.contiguous()
+    return out
+
+
+def load_resharded(step_dir: str, engine, place) -> None:
+    """Load a checkpoint written under another layout into `engine` (this rank's slices only).
+
+    Every rank must call it: nothing here communicates, but DeepSpeed's
+    optimizers are left linked to the new optimizer state on each rank.
+    """
+    saved = SavedCheckpoint(step_dir)
+    counters = saved.counters()
+    optimizer = engine.optimizer
+    zero_like = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+    if engine.zero_optimization_stage() == 3:
+        raise UserError("resuming under another layout into parallel.zero_stage=3 is not supported; "
+                        "resume with parallel.zero_stage=1 or 2 and switch to 3 after the first checkpoint")
+    base = optimizer.optimizer if zero_like else optimizer
+    _create_adam_state(base, counters["step"])
+    if zero_like:
+        optimizer._lazy_init_hp_params_optimizer_state()  # point each weight's fragments at the new state
+    for _local, name, param in named_global_parameters(engine.module):
+        if name not in saved.by_name:
+            raise UserError(f"{step_dir} has no weights for {name}; it is of another model, use a new run.dir")
+        values = {k: _slice_for(name, v, param, place) for k, v in saved.full(name).items()}
+        _assign(param, values, base if not zero_like else None)
+    engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
+    for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps = counters["global_steps"]
+    engine.global_samples = counters["global_samples"]
+    engine.skipped_steps = counters["skipped_steps"]
+
+
+def _create_adam_state(base: torch.optim.Optimizer, step: float) -> None:
+    """Adam state for every tensor the optimizer steps (flat ZeRO partitions or the weights), zeros for now."""
+    for group in base.param_groups:
+        for tensor in group["params"]:
+            base.state[tensor] = {
+                "step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": torch.zeros_like(tensor, dtype=torch.float32),
+                "exp_avg_sq": torch.zeros_like(tensor, dtype=torch.float32),
+            }
+
+
+def _slice_for(name: str, whole: torch.Tensor, param: torch.nn.Parameter, place) -> torch.Tensor:
+    """`whole` re-padded to this layout's vocabulary and cut to this rank's shape of `param`."""
+    split = getattr(param, "tensor_model_parallel", False) and place.tp_size > 1
+    if name in VOCAB_PARAMS:
+        whole = pad_rows(whole, param.shape[0] * (place.tp_size if split else 1))
+    if split:
+        whole = shard(whole, param.partition_dim, param.partition_stride, place.tp_rank, place.tp_size)
+    if tuple(whole.shape) != tuple(param.shape):
+        raise UserError(f"checkpoint tensor {name} has shape {tuple(whole.shape)} here, the model wants "
+                        f"{tuple(param.shape)}; it is of another model, use a new run.dir")
+    return whole
+
+
+def _assign(param: torch.nn.Parameter, values: dict[str, torch.Tensor], plain_optimizer) -> None:
+    """Weight, and fp32 master + moments: in the optimizer's state (stage 0) or its ZeRO fragments."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    with torch.no_grad():
+        param.copy_(values["param"].to(param.dtype))
+    if plain_optimizer is not None:
+        state = plain_optimizer.state[param]
+        for key in MOMENTS:
+            state[key] = values[key].to(device=param.device, dtype=state[key].dtype).clone()
+        return
+    safe_set_full_fp32_param(param, values["param"].to(param.device))
+    for key in MOMENTS:
+        safe_set_full_optimizer_state(param, values[key].to(param.device), key)

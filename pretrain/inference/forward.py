@@ -1,0 +1,38 @@
+"""One incremental forward of the MTP model over a KV cache: new tokens in, every used head's logits out.
+
+The model's own submodules run in the order training runs them (embedding,
+trunk layers, heads, shared unembedding); only the rotary angles differ in
+form: each token gets the angle of its own sequence's position ([s, b, 1,
+hn] instead of one [s, 1, 1, hn] table for the batch), because sequences
+in a batch sit at different lengths once they accept different numbers of
+drafts. The attention layers read and extend the caches attached by
+`kv_cache.kv_cached`.
+"""
+
+from itertools import islice
+
+import torch
+
+from pretrain.inference.kv_cache import CacheState
+
+
+def cached_logits(model, state: CacheState, tokens: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """tokens [b, s] placed after each sequence's cached ones -> logits [b, s, n_heads, vocab].
+
+    Only heads 1..n_heads run: heads that are not used for drafting cost
+    nothing and need no cache. Sequential heads get head k-1's greedy guess
+    as token t+k-1, as `MTPModel.head_logits` drafts.
+    """
+    rotary = state.begin(tokens.shape[1])  # [s, b, 1, hn]
+    hidden = model.embedding(tokens.t())  # [s, b, d]
+    for layer in model.layers:
+        hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary)  # [s, b, d]
+    logits: list[torch.Tensor] = []
+
+    def tokens_for(i: int, _hidden: torch.Tensor) -> torch.Tensor:
+        return logits[i].argmax(dim=-1)  # [s, b]
+
+    heads = model.heads.hidden_states(hidden, rotary, model.embedding, tokens_for)
+    for head_hidden in islice(heads, n_heads):
+        logits.append(model.unembedding(head_hidden))  # [s, b, vocab]
+    return torch.stack(logits, dim=2).transpose(0, 1)  # [b, s, n_heads, vocab]

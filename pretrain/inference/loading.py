@@ -1,0 +1,69 @@
+"""A model and its tokenizer for generation: from an exported file or straight from a run's checkpoint.
+
+An exported file (`mtp export`) is the normal input. A run directory, its
+`checkpoints/` directory or one `step_*` directory also works: the newest
+complete checkpoint is consolidated in memory exactly as `mtp export` would
+write it, so a model can be tried while it trains without writing a file.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from pretrain.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device(dtype: str) -> torch.device:
+    """CUDA when there is a GPU, else the CPU; bfloat16 only on a GPU (CPU bf16 matmuls are slow and unneeded)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if dtype != "float32":
+        raise UserError(f"--dtype {dtype} needs a CUDA GPU and none was found; use --dtype float32 on a CPU")
+    return torch.device("cpu")
+
+
+def load_model(path: str, dtype: str = "float32"):
+    """(model in eval mode on the chosen device, tokenizer, ModelConfig) from a file or a run/checkpoint dir."""
+    device = pick_device(dtype)
+    source = Path(path)
+    if source.is_dir():
+        model, tokenizer, cfg = _from_checkpoint(path)
+        model = model.to(device)
+    elif source.is_file():
+        from pretrain.export import load_exported
+
+        model, tokenizer, cfg = load_exported(path, device=str(device))
+    else:
+        raise UserError(
+            f"--model {path} does not exist; pass a file written by `mtp export` or a run directory"
+        )
+    return model.to(DTYPES[dtype]).eval(), tokenizer, cfg
+
+
+def _from_checkpoint(path: str):
+    """Build the model from the newest complete checkpoint under `path`, consolidated in memory."""
+    from data_pipeline.tokenizer import load_tokenizer
+    from parallel.megatron_setup import init_model_parallel
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import consolidated_state_dict, resolve_checkpoint
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.mtp import MTPModel
+
+    step_dir = resolve_checkpoint(path)
+    cfg = ModelConfig(**json.loads((step_dir / ckpt.EXTRA).read_text())["model"])
+    tokenizer = load_tokenizer(str(step_dir / "tokenizer"))
+    init_model_parallel(tp=1, pp=1)
+    model = MTPModel(cfg)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(step_dir), strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {step_dir} does not match its own model config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); pass another step_* dir"
+        )
+    return model, tokenizer, cfg

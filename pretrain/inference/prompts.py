@@ -1,0 +1,81 @@
+"""Prompts from code the model never trained on: the held-out split of the standard-library corpus.
+
+The split is the one `mtp prepare --source stdlib` holds out with its
+default settings (the same seeded shuffle of the running interpreter's
+stdlib files, the same validation fraction), recomputed here so that a
+benchmark or a demo needs only the model file, not the prepared data.
+"""
+
+import ast
+
+import numpy as np
+
+from pretrain.errors import UserError
+
+MIN_BODY_LINES = 3  # functions with shorter bodies make dull demos
+
+
+def heldout_documents() -> list[str]:
+    """Texts of the held-out stdlib documents, in the split's (seeded) order."""
+    from data_pipeline.prepare import PrepareConfig, split_documents
+    from data_pipeline.sources import STDLIB, list_documents, read_document
+
+    defaults = PrepareConfig(out="")
+    corpus = list_documents([STDLIB], None)
+    val, _train = split_documents(len(corpus.docs), defaults.val_fraction, defaults.seed)
+    docs = (corpus.docs[int(i)] for i in val)
+    return [read_document(corpus.paths[d.file], d, defaults.text_key)[0] for d in docs]
+
+
+def benchmark_prompts(tokenizer, count: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
+    """`count` windows of `prompt_tokens` tokens, cycling over the held-out documents long enough to hold one.
+
+    Window i starts at a position drawn by a generator seeded with (seed, i),
+    so the prompts are the same on every run and machine with the same stdlib.
+    """
+    encoded = [tokenizer.encode(text) for text in heldout_documents()]
+    long_enough = [ids for ids in encoded if len(ids) >= prompt_tokens]
+    if not long_enough:
+        raise UserError(f"no held-out stdlib file has {prompt_tokens} tokens; lower --prompt-tokens")
+    prompts = []
+    for i in range(count):
+        ids = long_enough[i % len(long_enough)]
+        start = int(np.random.default_rng([seed, i]).integers(0, len(ids) - prompt_tokens + 1))
+        prompts.append(ids[start : start + prompt_tokens])
+    return prompts
+
+
+def heldout_functions() -> list[tuple[str, str]]:
+    """(text up to and including the signature and docstring, the body) of every held-out function."""
+    found = []
+    for text in heldout_documents():
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:  # the stdlib ships a few deliberately broken test files
+            continue
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                split = _body_start(node)
+                if split is not None and node.end_lineno - split >= MIN_BODY_LINES:
+                    found.append(("".join(lines[:split]), "".join(lines[split : node.end_lineno])))
+    return found
+
+
+def _body_start(node) -> int | None:
+    """0-based line where the body proper starts (after a docstring), None for one-line functions."""
+    body = node.body
+    if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+        body = body[1:]
+    if not body or body[0].lineno <= node.lineno:
+        return None
+    return body[0].lineno - 1
+
+
+def heldout_function_prompt(index: int, tokenizer, max_tokens: int) -> str:
+    """The text before held-out function `index`'s body, cut to its last `max_tokens` tokens."""
+    functions = heldout_functions()
+    if not 0 <= index < len(functions):
+        raise UserError(f"--heldout-function {index}: choose 0..{len(functions) - 1}")
+    ids = tokenizer.encode(functions[index][0])
+    return tokenizer.decode(ids[-max_tokens:])
