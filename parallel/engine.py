@@ -117,9 +117,8 @@ def build_model(cfg: RunConfig, place: Place) -> torch.nn.Module:
         return model
     from parallel.pipeline import MTPPipeline
 
-    # `parallel.layers_per_stage` is proposed for ParallelConfig; until it exists the balanced split applies.
     return MTPPipeline(cfg.model, deepspeed_topology(p.tp, p.pp, place.dp_size), recompute=p.recompute,
-                       layers_per_stage=getattr(p, "layers_per_stage", None))
+                       layers_per_stage=p.layers_per_stage)
 
 
 def recompute_trunk(model: torch.nn.Module) -> None:
@@ -191,13 +190,13 @@ class GradClip:
                  if p.grad is not None and (self.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
         device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
         square = torch.zeros((), dtype=torch.float64, device=device)
-        for grad in grads:
-            square += grad.detach().double().pow(2).sum()
+        for grad in grads:  # a norm per tensor (no copy of the gradient), summed in float64
+            square += torch.linalg.vector_norm(grad.detach()).double() ** 2
         if dist.get_world_size(self.group) > 1:
             dist.all_reduce(square, group=self.group)
         self.value = math.sqrt(float(square))
-        if self.max_norm > 0:
-            factor = min(1.0, self.max_norm / (self.value + 1e-6))
+        factor = self.max_norm / (self.value + 1e-6)
+        if 0 < factor < 1:  # max_norm 0 turns clipping off
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(factor)

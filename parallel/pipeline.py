@@ -171,7 +171,7 @@ def reduce_head_losses(pipe: MTPPipeline, dp_size: int) -> list[float]:
 
 
 def global_name(local: str, trunk_layers: int) -> str:
-    """The MTPModel parameter name of a pipeline parameter: '3.layer.x' -> 'layers.2.x', '0.embedding.x' -> 'embedding.x'."""
+    """MTPModel's name of a pipeline parameter: '3.layer.x' -> 'layers.2.x', '0.embedding.x' -> 'embedding.x'."""
     index, _, rest = local.partition(".")
     if 1 <= int(index) <= trunk_layers:
         return f"layers.{int(index) - 1}.{rest.removeprefix('layer.')}"

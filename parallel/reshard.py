@@ -31,7 +31,7 @@ import torch
 
 from parallel.pipeline import named_global_parameters
 from pretrain.errors import UserError
-from pretrain.train import ENGINE_TAG
+from pretrain.checkpoint import ENGINE_TAG
 LAYOUT_DIR = "layout"
 VOCAB_PARAMS = ("embedding.embed.weight", "unembedding.output.weight")  # rows = padded vocabulary
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -41,7 +41,7 @@ def layout_record(cfg, place) -> dict:
     """What decides how a checkpoint's files are cut; equal records load with DeepSpeed's own loader."""
     p = cfg.parallel
     return {"tp": p.tp, "pp": p.pp, "dp": place.dp_size, "zero_stage": p.zero_stage, "dtype": p.dtype,
-            "layers_per_stage": getattr(p, "layers_per_stage", None)}
+            "layers_per_stage": p.layers_per_stage}
 
 
 def save_layout(step_dir: str, engine, place) -> None:
@@ -129,7 +129,7 @@ class SavedCheckpoint:
         for kind in pieces[0]:
             parts = [piece[kind] for piece in pieces]
             whole = unshard(parts, rec["dim"], rec["stride"]) if rec["split"] and len(parts) > 1 else parts[0]
-            out[kind] = whole[: self.vocab_size] if name in VOCAB_PARAMS else whole
+            out[kind] = (whole[: self.vocab_size] if name in VOCAB_PARAMS else whole).detach()
         return out
 
     def _local(self, shard: dict, rec: dict) -> dict[str, torch.Tensor]:

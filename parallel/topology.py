@@ -91,6 +91,7 @@ def stage_parts(model: ModelConfig, pp: int, layers_per_stage: list[int] | None 
 
 
 def check_layers_per_stage(model: ModelConfig, pp: int, layers_per_stage: list[int]) -> None:
+    """A hand split must cover every trunk layer once; only the first and last stages may hold none."""
     if len(layers_per_stage) != pp or sum(layers_per_stage) != model.trunk_layers or min(layers_per_stage) < 0:
         raise UserError(
             f"parallel.layers_per_stage={layers_per_stage} must list parallel.pp={pp} non-negative trunk-layer "
@@ -135,11 +136,14 @@ def check_parallel(cfg, layers_per_stage: list[int] | None = None) -> None:
             "model.head_type=sequential embeds tokens in its heads with the trunk's embedding, which lives on "
             "pipeline stage 0; use parallel.pp=1 or model.head_type=transformer/linear"
         )
+    if p.zero_stage == 3:
+        raise UserError(
+            "parallel.zero_stage=3 is not supported: ZeRO-3 releases the heads' and unembedding's weights after "
+            "each module's forward, but the MTP loss runs every head's backward inside its own forward; "
+            "use parallel.zero_stage=2 (or 1 with tensor/pipeline parallelism) to save memory"
+        )
     if p.pp > 1:
         stage_parts(m, p.pp, layers_per_stage)
-    if p.zero_stage == 3 and p.recompute:
-        raise UserError("parallel.recompute with parallel.zero_stage=3 is not supported here; "
-                        "use parallel.zero_stage=1 or 2 with recompute")
 
 
 # ---- process groups (torch and DeepSpeed from here on) ----------------------------------

@@ -44,6 +44,7 @@ from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
+ENGINE_TAG = "engine"  # sub-directory the engine (DeepSpeed) writes its own files into
 MANIFEST = "manifest.json"
 EXTRA = "extra.json"
 COMPLETE = "COMPLETE"

@@ -83,6 +83,7 @@ class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3; only 0-1 combine with pp > 1
     recompute: bool = False  # activation recomputation of transformer layers
     dtype: str = "float32"  # "bfloat16" needs CUDA
+    layers_per_stage: list[int] | None = None  # trunk layers per pipeline stage; None balances, a head counting as a layer
 
 
 @dataclass
@@ -325,6 +326,9 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool | None = None) -> Layou
     for ok, message in _checks(cfg, layout):
         if not ok:
             raise UserError(message)
+    from parallel.topology import check_parallel  # torch-free; lives with the layout code it mirrors
+
+    check_parallel(cfg, cfg.parallel.layers_per_stage)
     if cfg.parallel.dtype == "bfloat16" and not (_cuda_available() if cuda is None else cuda):
         raise UserError(
             "parallel.dtype=bfloat16 needs CUDA GPUs and none were found; "

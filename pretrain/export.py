@@ -17,7 +17,6 @@ import torch
 from pretrain import checkpoint as ckpt
 from pretrain.errors import UserError
 from pretrain.model.config import ModelConfig
-from pretrain.train import ENGINE_TAG
 
 FORMAT = "mtp-export-1"
 
@@ -39,23 +38,11 @@ def resolve_checkpoint(path: str) -> Path:
     raise UserError(f"no complete checkpoint under {path}; train first (mtp train) or pass a step_* dir")
 
 
-def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from the DeepSpeed files, whatever the ZeRO stage."""
-    engine_dir = step_dir / ENGINE_TAG
-    optim_files = sorted(engine_dir.glob("*optim_states.pt"))
-    if optim_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def consolidated_state_dict(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a single-process model, whatever layout and ZeRO stage wrote them."""
+    from parallel.reshard import full_model_state
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=ENGINE_TAG)
-    model_files = sorted(engine_dir.glob("mp_rank_*_model_states.pt"))
-    if len(model_files) != 1:
-        raise UserError(
-            f"{engine_dir} holds {len(model_files)} model-parallel shards; export reads tensor-parallel size 1 "
-            "checkpoints: resume the run with parallel.tp=1 and save once, then export"
-        )
-    state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
-    # megatron's linear layers also save an `_extra_state` of None: nothing to export.
-    return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
+    return full_model_state(str(step_dir), cfg.padded_vocab(1))
 
 
 def export(checkpoint: str, out: str) -> Path:
@@ -68,7 +55,7 @@ def export(checkpoint: str, out: str) -> Path:
     step_dir = resolve_checkpoint(checkpoint)
     extra = json.loads((step_dir / ckpt.EXTRA).read_text())
     cfg = ModelConfig(**extra["model"])
-    state = {k: v.contiguous() for k, v in consolidated_state_dict(step_dir).items()}
+    state = {k: v.contiguous() for k, v in consolidated_state_dict(step_dir, cfg).items()}
     metadata = {
         "format": FORMAT,
         "model_config": json.dumps(asdict(cfg)),

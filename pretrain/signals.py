@@ -23,6 +23,15 @@ class StopFlag:
     def _handle(self, signum, _frame) -> None:
         self.received = signum
 
+    def settle(self) -> None:
+        """Ignore SIGUSR1 from now on: the work is checkpointed and the process is exiting.
+
+        Python puts its own handlers back to the default action at shutdown,
+        and USR1's default kills the process; torchrun would then restart a
+        run that had already finished. SIG_IGN survives shutdown.
+        """
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
     def agreed(self) -> bool:
         """True on every rank as soon as any rank got a stop signal.
 

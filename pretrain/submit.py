@@ -49,8 +49,11 @@ def _check_args(args) -> None:
         raise UserError(f"--nodes must be >= 1, got {args.nodes}")
     if args.min_nodes is not None and not 1 <= args.min_nodes <= args.nodes:
         raise UserError(f"--min-nodes must be between 1 and --nodes={args.nodes}, got {args.min_nodes}")
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        raise UserError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    for flag, value in (("--nproc-per-node", args.nproc_per_node), ("--gpus-per-node", args.gpus_per_node)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     if not Path(args.script).is_file():
         raise UserError(f"batch script {args.script} not found; pass --script PATH (the default is {DEFAULT_SCRIPT})")
 
@@ -75,8 +78,8 @@ def _validate_every_size(cfg: RunConfig, args) -> None:
         try:
             validate(cfg, world, cuda=True)
         except UserError as err:
-            raise UserError(f"shrunk to --min-nodes range {nodes} node(s) x {_nproc(args)} = {world} "
-                            f"processes: {err}") from None
+            raise UserError(f"with {nodes} of {args.nodes} nodes ({world} processes), which --min-nodes "
+                            f"allows: {err}") from None
 
 
 def _plan(args, cfg: RunConfig) -> Submission:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parallel.topology import check_parallel
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, check_data_dir, config_to_dict, load_config, save_config, validate
 from pretrain.errors import UserError
@@ -25,7 +24,6 @@ from pretrain.signals import StopFlag
 from pretrain.tracking import make_tracker, plot_head_curves
 
 log = logging.getLogger("mtp.train")
-ENGINE_TAG = "engine"  # DeepSpeed's sub-directory inside one of our checkpoints
 
 
 class Trainer:
@@ -88,7 +86,7 @@ class Trainer:
 
         here = layout_record(self.cfg, self.place)
         if saved_layout is None or saved_layout == here:
-            self.engine.load_checkpoint(path, tag=ENGINE_TAG)
+            self.engine.load_checkpoint(path, tag=ckpt.ENGINE_TAG)
             return
         self._print(f"resharding {path}: saved as {_layout_text(saved_layout)}, running as {_layout_text(here)}")
         load_resharded(path, self.engine, self.place)
@@ -183,7 +181,7 @@ class Trainer:
 
         tmp = self.store.begin(self.step) if self.is_main else self.store.tmp_dir(self.step)
         dist.barrier()
-        self.engine.save_checkpoint(tmp, tag=ENGINE_TAG)
+        self.engine.save_checkpoint(tmp, tag=ckpt.ENGINE_TAG)
         save_layout(tmp, self.engine, self.place)
         ckpt.save_rng_state(tmp, self.place.rank)
         dist.barrier()
@@ -228,6 +226,7 @@ class Trainer:
             if stopping:
                 self._print(f"stop signal received: checkpointed step {self.step}, exiting")
                 break
+        self.stop.settle()
         self._finish(metrics, tracker, "FINISHED" if self.step >= cfg.train.max_steps else "KILLED")
         return 0
 
@@ -314,7 +313,6 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
-    check_parallel(cfg, getattr(cfg.parallel, "layers_per_stage", None))
     check_data_dir(cfg)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.stop_after is not None and args.stop_after < 1:

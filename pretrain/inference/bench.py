@@ -78,14 +78,15 @@ def table(rows: list[Row]) -> str:
 
 
 def run(args) -> int:
-    from pretrain.inference.loading import load_model, pick_device
+    from pretrain.inference.loading import load_model, pick_device, quiet_megatron
     from pretrain.inference.prompts import benchmark_prompts
     from pretrain.inference.stopping import StopRules
 
     sizes = _int_list(args.batch_sizes, "--batch-sizes")
     if args.prompts < 1:
         raise UserError(f"--prompts {args.prompts} must be >= 1")
-    model, tokenizer, cfg = load_model(args.model, args.dtype)
+    with quiet_megatron():
+        model, tokenizer, cfg = load_model(args.model, args.dtype)
     heads = _int_list(args.heads, "--heads") if args.heads else list(range(1, cfg.n_future + 1))
     if max(heads) > cfg.n_future:
         raise UserError(f"--heads {args.heads}: this model has {cfg.n_future} heads; use values 1..{cfg.n_future}")

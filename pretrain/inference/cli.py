@@ -44,6 +44,7 @@ def register(subparsers, bench_subparsers) -> None:
                    help="stop a completion before this text; repeatable")
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--echo", action="store_true", help="print each prompt before its completion")
     g.add_argument("--stats", action="store_true", help="print tokens per forward and tokens/s to stderr")
     g.set_defaults(func=_generate)
 

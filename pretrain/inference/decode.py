@@ -16,7 +16,7 @@ Sequences that stop early keep riding along with nothing committed.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -39,8 +39,8 @@ class GenerationStats:
     proposed_drafts: int = 0
 
     def add(self, other: "GenerationStats") -> None:
-        for name in ("tokens", "forwards", "model_calls", "seconds", "accepted_drafts", "proposed_drafts"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property
     def tokens_per_forward(self) -> float:
@@ -75,18 +75,17 @@ class Decoder:
     def generate(self, prompts: list[list[int]]) -> Generation:
         """Complete every prompt (lists of token ids); returns completions in prompt order and stats."""
         self._check(prompts)
-        generator = self.generator
         completions = [self.rules.start() for _ in prompts]
         stats = GenerationStats()
         start = time.perf_counter()
         max_len = max(map(len, prompts)) + self.rules.max_new_tokens + self.heads
         with torch.inference_mode(), kv_cached(self.model, self.heads, len(prompts), max_len) as state:
             logits = self._prefill(state, prompts)  # [b, n_heads, V] at each prompt's last token
-            token = pick(logits[:, 0], self.sampling, generator)  # [b]
+            token = pick(logits[:, 0], self.sampling, self.generator)  # [b]
             self._emit(completions, [[t] for t in token.tolist()], stats)
-            drafts, draft_probs = draft(logits[:, 1:], self.sampling, generator)  # [b, K - 1]
+            drafts, draft_probs = draft(logits[:, 1:], self.sampling, self.generator)  # [b, K - 1]
             while not all(c.done for c in completions):
-                token, drafts, draft_probs = self._step(state, token, drafts, draft_probs, completions, stats, generator)
+                token, drafts, draft_probs = self._step(state, token, drafts, draft_probs, completions, stats)
         stats.seconds = time.perf_counter() - start
         return Generation([self.rules.finish(c) for c in completions], stats)
 
@@ -111,24 +110,27 @@ class Decoder:
         ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)  # [b, P]
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = torch.tensor(prompt, device=self.device)
-        logits = cached_logits(self.model, state, ids, self.heads)  # [b, P, K, V]
+        logits = cached_logits(self.model, state, ids, self.heads, only=lengths - 1)  # [b, 1, K, V]
         state.commit(lengths)
-        return logits[torch.arange(len(prompts), device=self.device), lengths - 1]  # [b, K, V]
+        return logits[:, 0]  # [b, K, V]
 
-    def _step(self, state, token, drafts, draft_probs, completions, stats, generator):
+    def _step(self, state, token, drafts, draft_probs, completions, stats):
         """One verifying forward of the block [token, drafts]; returns the next token, drafts and their probs."""
         block = torch.cat([token[:, None], drafts], dim=1)  # [b, K]
         logits = cached_logits(self.model, state, block, self.heads)  # [b, K, K, V]
-        kept, added = verify(drafts, draft_probs, logits[:, :, 0], self.sampling, generator)  # [b], [b]
-        running = torch.tensor([not c.done for c in completions], device=self.device)  # [b]
-        state.commit(torch.where(running, kept + 1, 0))
-        kept_list, added_list = kept.tolist(), added.tolist()
-        emitted = [d[:k] + [a] for d, k, a in zip(drafts.tolist(), kept_list, added_list)]
-        stats.accepted_drafts += sum(k for k, c in zip(kept_list, completions) if not c.done)
-        stats.proposed_drafts += drafts.shape[1] * int(running.sum())
+        kept, added = verify(drafts, draft_probs, logits[:, :, 0], self.sampling, self.generator)  # [b], [b]
+        kept_list = kept.tolist()
+        running = [not c.done for c in completions]
+        stats.accepted_drafts += sum(k for k, r in zip(kept_list, running) if r)
+        stats.proposed_drafts += drafts.shape[1] * sum(running)
+        emitted = [d[:k] + [a] for d, k, a in zip(drafts.tolist(), kept_list, added.tolist())]
         self._emit(completions, emitted, stats)
+        # Positions of the block's first token and the kept drafts stay cached; a sequence that
+        # has stopped keeps nothing more, so its later forwards stay inside the cache.
+        still_running = torch.tensor([not c.done for c in completions], device=self.device)  # [b]
+        state.commit(torch.where(still_running, kept + 1, 0))
         rows = torch.arange(block.shape[0], device=self.device)
-        next_drafts, next_probs = draft(logits[rows, kept, 1:], self.sampling, generator)  # [b, K - 1]
+        next_drafts, next_probs = draft(logits[rows, kept, 1:], self.sampling, self.generator)  # [b, K - 1]
         return added, next_drafts, next_probs
 
     def _emit(self, completions: list[Completion], emitted: list[list[int]], stats: GenerationStats) -> None:
@@ -137,5 +139,6 @@ class Decoder:
         for completion, tokens in zip(completions, emitted):
             if completion.done:
                 continue
+            completion.forwards += 1
             stats.forwards += 1
             stats.tokens += self.rules.extend(completion, tokens)

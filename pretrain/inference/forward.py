@@ -16,23 +16,32 @@ import torch
 from pretrain.inference.kv_cache import CacheState
 
 
-def cached_logits(model, state: CacheState, tokens: torch.Tensor, n_heads: int) -> torch.Tensor:
+def cached_logits(
+    model, state: CacheState, tokens: torch.Tensor, n_heads: int, only: torch.Tensor | None = None
+) -> torch.Tensor:
     """tokens [b, s] placed after each sequence's cached ones -> logits [b, s, n_heads, vocab].
 
-    Only heads 1..n_heads run: heads that are not used for drafting cost
-    nothing and need no cache. Sequential heads get head k-1's greedy guess
-    as token t+k-1, as `MTPModel.head_logits` drafts.
+    Only heads 1..n_heads run: heads not used for drafting cost nothing and
+    need no cache. With `only` ([b] indices into s) the vocabulary
+    projection runs at that one position per sequence and the result is
+    [b, 1, n_heads, vocab]: a prefill needs the last prompt token's logits,
+    and a full [b, s, vocab] logits tensor of a long prompt can be larger
+    than the model. Every position still goes through every used head, to
+    fill the heads' caches. Sequential heads get head k-1's greedy guess as
+    token t+k-1, as `MTPModel.head_logits` drafts.
     """
     rotary = state.begin(tokens.shape[1])  # [s, b, 1, hn]
     hidden = model.embedding(tokens.t())  # [s, b, d]
     for layer in model.layers:
         hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary)  # [s, b, d]
-    logits: list[torch.Tensor] = []
 
-    def tokens_for(i: int, _hidden: torch.Tensor) -> torch.Tensor:
-        return logits[i].argmax(dim=-1)  # [s, b]
+    def tokens_for(_i: int, head_hidden: torch.Tensor) -> torch.Tensor:
+        return model.unembedding(head_hidden).argmax(dim=-1)  # [s, b]
 
+    rows = None if only is None else torch.arange(tokens.shape[0], device=tokens.device)
+    logits = []
     heads = model.heads.hidden_states(hidden, rotary, model.embedding, tokens_for)
-    for head_hidden in islice(heads, n_heads):
-        logits.append(model.unembedding(head_hidden))  # [s, b, vocab]
-    return torch.stack(logits, dim=2).transpose(0, 1)  # [b, s, n_heads, vocab]
+    for head_hidden in islice(heads, n_heads):  # [s, b, d]
+        wanted = head_hidden if only is None else head_hidden[only, rows][None]  # [s or 1, b, d]
+        logits.append(model.unembedding(wanted))  # [s or 1, b, vocab]
+    return torch.stack(logits, dim=2).transpose(0, 1)  # [b, s or 1, n_heads, vocab]

@@ -62,15 +62,18 @@ def format_stats(heads: int, stats) -> str:
 
 
 def run(args) -> int:
-    from pretrain.inference.decode import Decoder, GenerationStats
-    from pretrain.inference.loading import load_model
-    from pretrain.inference.stopping import StopRules
+    from pretrain.inference.loading import quiet_megatron
 
     sampling = Sampling(args.temperature, args.top_p)
     heads = parse_speculative(args.speculative)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be >= 1")
-    model, tokenizer, cfg = load_model(args.model, args.dtype)
+    with quiet_megatron():
+        from pretrain.inference.decode import Decoder, GenerationStats
+        from pretrain.inference.loading import load_model
+        from pretrain.inference.stopping import StopRules
+
+        model, tokenizer, cfg = load_model(args.model, args.dtype)
     rules = StopRules(tokenizer, args.max_new_tokens, tuple(args.stop))
     decoder = Decoder(model, rules, heads, sampling, args.seed)
     texts = read_prompts(args, tokenizer, cfg.max_seq_len)
@@ -81,7 +84,7 @@ def run(args) -> int:
         for i, completion in enumerate(result.completions, start=first):
             if len(texts) > 1:
                 print(f"=== completion {i + 1} ({completion.finish_reason}) ===")
-            print(completion.text)
+            print(texts[i] + completion.text if args.echo else completion.text)
         total.add(result.stats)
     if args.stats:
         print(format_stats(heads, total), file=sys.stderr)

@@ -7,6 +7,8 @@ write it, so a model can be tried while it trains without writing a file.
 """
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +16,19 @@ import torch
 from pretrain.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextmanager
+def quiet_megatron():
+    """Silence megatron's warnings while it is imported and a model is built.
+
+    It warns that Transformer Engine and apex are missing and about CUDA-graph
+    defaults; none of that concerns generation, and completions printed by
+    `mtp generate` should not drown in it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"megatron\.")
+        yield
 
 
 def pick_device(dtype: str) -> torch.device:
@@ -31,18 +46,15 @@ def load_model(path: str, dtype: str = "float32"):
     """(model in eval mode on the chosen device, tokenizer, ModelConfig) from a file or a run/checkpoint dir."""
     device = pick_device(dtype)
     source = Path(path)
+    if not source.exists():
+        raise UserError(f"--model {path} does not exist; pass a file written by `mtp export` or a run directory")
     if source.is_dir():
         model, tokenizer, cfg = _from_checkpoint(path)
-        model = model.to(device)
-    elif source.is_file():
+    else:
         from pretrain.export import load_exported
 
-        model, tokenizer, cfg = load_exported(path, device=str(device))
-    else:
-        raise UserError(
-            f"--model {path} does not exist; pass a file written by `mtp export` or a run directory"
-        )
-    return model.to(DTYPES[dtype]).eval(), tokenizer, cfg
+        model, tokenizer, cfg = load_exported(path)
+    return model.to(device=device, dtype=DTYPES[dtype]).eval(), tokenizer, cfg
 
 
 def _from_checkpoint(path: str):

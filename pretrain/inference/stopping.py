@@ -15,6 +15,7 @@ from pretrain.errors import UserError
 class Completion:
     tokens: list[int] = field(default_factory=list)  # generated ids, the end-of-document token excluded
     consumed: int = 0  # generated ids including a final end-of-document token
+    forwards: int = 0  # model forwards this completion took part in while running, the prefill included
     finish_reason: str | None = None  # "length", "eod" or "stop" once finished
     text: str = ""  # set by `StopRules.finish`: decoded, cut before the first stop string
 

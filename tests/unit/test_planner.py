@@ -1,0 +1,152 @@
+"""The layout planner: its counts against the real model, its arithmetic, and `mtp plan` end to end.
+
+Memory against real training steps is a benchmark (`mtp plan --measure`,
+docs/benchmarks.md), not a test; here each part of the model is held to
+what it claims to count.
+"""
+
+import json
+
+import pytest
+import torch
+
+from parallel.planner import (
+    GB, Hardware, Layout, estimate, layer_activation_bytes, memory, search, stage_params, total_params,
+)
+from parallel.topology import stage_parts
+from pretrain.errors import UserError
+from pretrain.model.config import ModelConfig
+from tests.integration.conftest import run_mtp
+
+SMALL = dict(vocab_size=300, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(n_future=4), dict(n_future=1), dict(n_future=4, match_params=True),
+    dict(n_future=2, n_kv_heads=2), dict(n_future=3, head_type="linear"), dict(n_future=3, head_type="sequential"),
+])
+def test_parameter_count_equals_the_built_model(extra):
+    from parallel.megatron_setup import init_model_parallel
+    from pretrain.model.counting import param_counts
+    from pretrain.model.mtp import MTPModel
+
+    init_model_parallel()
+    cfg = ModelConfig(**SMALL, **extra)
+    assert total_params(cfg) == param_counts(MTPModel(cfg))["total"]
+
+
+def test_stage_params_split_the_model_and_divide_matrices_by_tp():
+    cfg = ModelConfig(**SMALL, n_future=4)
+    parts = stage_parts(cfg, 2)
+    whole = stage_params(cfg, 1, [0, cfg.trunk_layers + 2])[0]
+    assert sum(stage_params(cfg, 1, parts)) == pytest.approx(whole)
+    norms = 2 * cfg.d_model * (cfg.trunk_layers + cfg.n_future) + cfg.d_model
+    vocab_growth = (cfg.padded_vocab(2) - cfg.padded_vocab(1)) * cfg.d_model * 2  # embedding + unembedding
+    assert sum(stage_params(cfg, 2, parts)) == pytest.approx((whole - norms + vocab_growth) / 2 + norms)
+
+
+def test_layer_activations_equal_what_autograd_saves():
+    """The formula against the bytes a real megatron layer hands to autograd (tp=1, float32)."""
+    from parallel.megatron_setup import init_model_parallel
+    from pretrain.model.mtp import MTPModel
+
+    init_model_parallel()
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, n_future=1, max_seq_len=256)
+    model = MTPModel(cfg)
+    s, b = 128, 2
+    x = torch.randn(s, b, cfg.d_model, requires_grad=True)
+    rotary = model.rotary(s, x.device)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {rotary.untyped_storage().data_ptr()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x, attention_mask=None, rotary_pos_emb=rotary)
+    predicted = layer_activation_bytes(cfg, s * b, tp=1, width=4)
+    assert sum(storages.values()) == pytest.approx(predicted, rel=0.05)
+
+
+@pytest.mark.parametrize("bf16, expected", [
+    # bytes per parameter (weights, gradients, optimizer) at ZeRO 0, 1, 2 with dp = 8: docs/planner.md
+    (False, {0: (4, 4, 8), 1: (4, 4, 12 / 8), 2: (4, 4 / 8, 12 / 8)}),
+    (True, {0: (2, 6, 12 / 8), 1: (2, 2 + 4 / 8, 12 / 8), 2: (2, 6 / 8, 12 / 8)}),
+])
+def test_state_bytes_follow_deepspeed_per_zero_stage(bf16, expected):
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 32000, "d_model": 512}, n_future=4, loss_chunk_tokens=64)
+    parts = [0, cfg.trunk_layers + 2]
+    params = stage_params(cfg, 1, parts)[0]
+    for zero, (w, g, o) in expected.items():
+        mem = memory(cfg, Layout(1, 1, 8, 1, False, zero), 256, 4, bf16, parts)[0]
+        assert (mem.weights, mem.grads, mem.optimizer) == pytest.approx((w * params, g * params, o * params))
+
+
+def test_chunking_and_recompute_lower_memory():
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 32000, "d_model": 512}, n_future=4, loss_chunk_tokens=64)
+    parts = [0, cfg.trunk_layers + 2]
+    plain = memory(cfg, Layout(1, 1, 8, 1, False, 1), 256, 4, True, parts)[0]
+    assert plain.loss_unchunked > plain.loss  # 256 tokens in 64-token chunks
+    recompute = memory(cfg, Layout(1, 1, 8, 1, True, 1), 256, 4, True, parts)[0]
+    assert recompute.activations < plain.activations and recompute.total < plain.total
+
+
+def test_pipeline_bubble_and_in_flight_micro_batches():
+    cfg = ModelConfig(**{**SMALL, "n_layers": 8}, n_future=4)
+    hw = Hardware(gpus=4, gpu_memory_gb=80)
+    est = estimate(cfg, Layout(1, 4, 1, 1, False, 0), 64, 8, False, hw, flops_per_token=1e6)
+    assert est.bubble == pytest.approx(3 / (8 + 3))
+    parts = stage_parts(cfg, 4)
+    trunk = [sum(1 for i in range(a, b) if 1 <= i <= cfg.trunk_layers) for a, b in zip(parts, parts[1:])]
+    per_layer = layer_activation_bytes(cfg, 64, 1, 4)
+    in_flight = [4, 3, 2, 1]  # 1F1B: stage k holds pp - k micro-batches
+    assert [s.activations for s in est.stages] == pytest.approx([n * t * per_layer for n, t in zip(in_flight, trunk)])
+    assert est.stages[-1].loss > 0 and all(s.loss == 0 for s in est.stages[:-1])
+
+
+def test_stage_parts_count_each_head_as_a_layer():
+    cfg = ModelConfig(**SMALL, n_future=4)  # weights [0, 1, 1, 1, 1, 4]
+    assert stage_parts(cfg, 2) == [0, 5, 6]  # all trunk layers on stage 0, the 4 heads alone on stage 1
+    seven_b = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_future=4, match_params=True)
+    parts = stage_parts(seven_b, 4)
+    weights = [0] + [1] * 29 + [4]
+    loads = [sum(weights[a:b]) for a, b in zip(parts, parts[1:])]
+    assert max(loads) == 9 and parts[-2] < 30  # 33 layer-equivalents over 4 stages; the last holds the heads
+    assert stage_parts(cfg, 2, [1, 3]) == [0, 2, 6]
+    with pytest.raises(UserError, match="layers_per_stage"):
+        stage_parts(cfg, 2, [2, 3])
+    with pytest.raises(UserError, match="middle stage"):
+        stage_parts(cfg, 3, [2, 0, 2])
+
+
+def test_search_prefers_fitting_then_faster_layouts():
+    cfg = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, ffn_hidden=11008, n_future=4,
+                      match_params=True)
+    hw = Hardware(gpus=64, gpu_memory_gb=80)
+    found, ruled_out = search(cfg, 4096, 2048, True, hw, flops_per_token=6 * 7e9)
+    fitting = [e for e in found if e.fits]
+    assert fitting and not found[-1].fits
+    assert [e.step_s for e in fitting] == sorted(e.step_s for e in fitting)
+    assert all(e.peak_bytes + 4 * GB <= 80 * GB for e in fitting)
+    assert any("spans nodes" in reason for reason in ruled_out)
+    best = fitting[0]
+    assert best.tokens_per_s == pytest.approx(2048 * 4096 / best.step_s)
+
+
+def test_mtp_plan_7b_prints_layouts(tmp_path):
+    out = run_mtp("plan", "--config", "configs/7b.yaml", "--gpus", "64", "--gpu-memory-gb", "80", "--json")
+    result = json.loads(out.stdout)
+    assert result["best"] and result["best"][0]["fits"]
+    assert result["params"] == pytest.approx(6.94e9, rel=0.01)
+    text = run_mtp("plan", "--config", "configs/13b.yaml", "--gpus", "128", "--gpu-memory-gb", "80").stdout
+    assert "days/100B" in text and "Why other layouts are out" in text
+
+
+def test_mtp_plan_errors_are_one_line():
+    out = run_mtp("plan", "--config", "configs/7b.yaml", "--gpus", "8", "--gpu-memory-gb", "0", check=False)
+    assert out.returncode == 2 and "--gpu-memory-gb" in out.stderr and "Traceback" not in out.stderr
+    small = run_mtp("plan", "--config", "configs/13b.yaml", "--gpus", "8", "--gpu-memory-gb", "16")
+    assert "No layout fits" in small.stdout
