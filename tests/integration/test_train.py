@@ -136,7 +136,12 @@ def test_export_round_trips_weights(full_run, tmp_path):
     saved = torch.load(engine_file, map_location="cpu", weights_only=False)["module"]
     saved = {k: v for k, v in saved.items() if torch.is_tensor(v)}
     assert set(weights) == set(saved)
-    assert all(torch.equal(weights[k], saved[k].float()) for k in saved)
+    vocab = 258  # the byte tokenizer's; rows past it are padding no token ever reads, exported as zeros
+    for name, tensor in saved.items():
+        if name in ("embedding.embed.weight", "unembedding.output.weight"):
+            assert torch.equal(weights[name][:vocab], tensor[:vocab]) and not weights[name][vocab:].any()
+        else:
+            assert torch.equal(weights[name], tensor.float()), name
     from pretrain.export import load_exported
 
     model, tokenizer, cfg = load_exported(str(out))
