@@ -50,6 +50,12 @@ demo: setup
 		train.max_steps=$(DEMO_STEPS) schedule.warmup_steps=15 train.eval_interval=50 checkpoint.interval=50
 	rm -f $(DEMO_RUN)/model.safetensors
 	$(BIN)/mtp export --checkpoint $(DEMO_RUN) --out $(DEMO_RUN)/model.safetensors
+	@echo "== a held-out stdlib function completed by plain greedy decoding (head 1) =="
+	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 0 --max-new-tokens 128 \
+		--speculative off --stats --echo
+	@echo "== the same with self-speculative decoding: heads 2-4 draft, head 1 verifies (output identical) =="
+	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 0 --max-new-tokens 128 \
+		--speculative 4 --stats
 
 clean-venv:
 	rm -rf $(VENV)

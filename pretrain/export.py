@@ -76,8 +76,6 @@ def load_exported(path: str, device: str = "cpu"):
     from safetensors.torch import load_file
 
     from data_pipeline.tokenizer import load_tokenizer
-    from parallel.megatron_setup import init_model_parallel
-    from pretrain.model.mtp import MTPModel
 
     if not os.path.isfile(path):
         raise UserError(f"model file {path} not found; create one with `mtp export --checkpoint RUN_DIR --out {path}`")
@@ -93,16 +91,25 @@ def load_exported(path: str, device: str = "cpu"):
         for name, text in json.loads(metadata["tokenizer_files"]).items():
             Path(tmp, name).write_text(text)
         tokenizer = load_tokenizer(tmp)
+    model = model_with_weights(cfg, load_file(path), source=path)
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def model_with_weights(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str):
+    """A single-process MTPModel holding `state`; UserError naming `source` when they do not fit."""
+    from parallel.megatron_setup import init_model_parallel
+    from pretrain.model.mtp import MTPModel
+
     init_model_parallel(tp=1, pp=1)
     model = MTPModel(cfg)
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
-    missing = [k for k in missing if not k.endswith("._extra_state")]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]  # megatron's, always None
     if missing or unexpected:
         raise UserError(
-            f"{path} does not match its own model config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "export it again from the checkpoint"
+            f"{source} does not match its own model config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "export it again or pass another checkpoint"
         )
-    return model.to(device).eval(), tokenizer, cfg
+    return model
 
 
 def _read_dir(directory: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ runs first, then `--repeats` steps, each from no gradients (as after
 `zero_grad(set_to_none=True)`); the fastest time is reported (the box may be
 shared) and the peak over all of them.
 
-Memory: on CPU, the peak resident set (ru_maxrss) minus the resident set
+Memory: on CPU, the peak resident set (VmHWM) minus the resident set
 after setup (model, inputs); the high-water mark is reset after setup
 through /proc/self/clear_refs so setup's own transient peak does not count,
 and glibc is told to return every block >= 128 KiB to the OS on free
@@ -181,10 +181,22 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """The process's resident high-water mark (VmHWM), which clear_refs resets.
+
+    Not getrusage's ru_maxrss: that also keeps the peak recorded when any
+    thread exits, so a thread ending after setup would bring setup's peak back.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
 def measure(case: Case) -> dict:
     """Peak extra memory (MiB) and seconds of one step, in this (fresh) process."""
     import platform
-    import resource
     import time
 
     import torch
@@ -209,7 +221,7 @@ def measure(case: Case) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
     return {
         "impl": case.impl,
         "n_future": case.n_future,

@@ -60,22 +60,12 @@ def load_model(path: str, dtype: str = "float32"):
 def _from_checkpoint(path: str):
     """Build the model from the newest complete checkpoint under `path`, consolidated in memory."""
     from data_pipeline.tokenizer import load_tokenizer
-    from parallel.megatron_setup import init_model_parallel
     from pretrain import checkpoint as ckpt
-    from pretrain.export import consolidated_state_dict, resolve_checkpoint
+    from pretrain.export import consolidated_state_dict, model_with_weights, resolve_checkpoint
     from pretrain.model.config import ModelConfig
-    from pretrain.model.mtp import MTPModel
 
     step_dir = resolve_checkpoint(path)
     cfg = ModelConfig(**json.loads((step_dir / ckpt.EXTRA).read_text())["model"])
     tokenizer = load_tokenizer(str(step_dir / "tokenizer"))
-    init_model_parallel(tp=1, pp=1)
-    model = MTPModel(cfg)
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(step_dir), strict=False)
-    missing = [k for k in missing if not k.endswith("._extra_state")]
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {step_dir} does not match its own model config (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}); pass another step_* dir"
-        )
+    model = model_with_weights(cfg, consolidated_state_dict(step_dir, cfg), source=str(step_dir))
     return model, tokenizer, cfg

@@ -59,7 +59,7 @@ def test_heldout_function_prompt(exported):
     out = generate(model, "--heldout-function", "0", "--max-new-tokens", "8", "--speculative", "3", "--stats", "--echo")
     assert out.stdout.startswith(heldout_function_prompt(0, ByteTokenizer(), 64 - 8))  # max_seq_len - new tokens
     assert "speculative K=3: " in out.stderr
-    wrong = generate(model, "--heldout-function", "100000", check=False)
+    wrong = generate(model, "--heldout-function", "100000", "--max-new-tokens", "8", check=False)
     assert wrong.returncode == 2 and "--heldout-function 100000: choose 0.." in wrong.stderr
 
 
