@@ -108,7 +108,6 @@ class RunSection:
 
 @dataclass
 class FaultConfig:
-    nan_skip_limit: int = 10  # consecutive steps with a non-finite loss skipped before the run stops
     collective_timeout_s: int = 600  # a collective waiting longer fails the step instead of hanging the job
 
 
@@ -408,7 +407,6 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1; the newest checkpoint is always kept"),
         (bool(cfg.tracking.experiment), "tracking.experiment must not be empty"),
         (bool(cfg.run.dir), "run.dir must not be empty"),
-        (cfg.fault.nan_skip_limit >= 0, "fault.nan_skip_limit must be >= 0"),
         (cfg.fault.collective_timeout_s >= 1, "fault.collective_timeout_s must be >= 1 (seconds)"),
     ]
 
