@@ -1,6 +1,7 @@
 # Every target the README names. `make setup` is idempotent: a stamp records
 # the hash of pyproject.toml, so a second run costs nothing.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -51,11 +52,14 @@ demo: setup
 	rm -f $(DEMO_RUN)/model.safetensors
 	$(BIN)/mtp export --checkpoint $(DEMO_RUN) --out $(DEMO_RUN)/model.safetensors
 	@echo "== a held-out stdlib function completed by plain greedy decoding (head 1) =="
-	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 0 --max-new-tokens 128 \
-		--speculative off --stats --echo
-	@echo "== the same with self-speculative decoding: heads 2-4 draft, head 1 verifies (output identical) =="
-	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 0 --max-new-tokens 128 \
-		--speculative 4 --stats
+	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 128 \
+		--speculative off --stats --echo | tee $(DEMO_RUN)/plain.txt
+	@echo "== the same with self-speculative decoding: heads 2-4 draft, head 1 verifies =="
+	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 128 \
+		--speculative 4 --stats --echo > $(DEMO_RUN)/speculative.txt
+	cmp $(DEMO_RUN)/plain.txt $(DEMO_RUN)/speculative.txt && echo "== speculative greedy output is identical to plain greedy decoding =="
+	OMP_NUM_THREADS=1 $(BIN)/mtp bench speculative --model $(DEMO_RUN)/model.safetensors --prompts 4 \
+		--prompt-tokens 128 --new-tokens 128 --batch-sizes 1
 
 clean-venv:
 	rm -rf $(VENV)

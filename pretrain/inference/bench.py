@@ -11,6 +11,7 @@ change the output.
 """
 
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass
 
@@ -38,6 +39,21 @@ def _int_list(text: str, flag: str) -> list[int]:
     if not values or min(values) < 1:
         raise UserError(f"{flag} {text}: give comma-separated integers >= 1, e.g. 1,8")
     return values
+
+
+def machine_name(device) -> str:
+    """The GPU's name, else the CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = f"{torch.get_num_threads()} threads"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            return f"{names[0]}, {len(names)} cores, {threads}"
+    return f"{platform.processor() or platform.machine()}, {threads}"
 
 
 def measure(model, rules, prompts: list[list[int]], batch_size: int, heads: list[int]) -> list[Row]:
@@ -94,12 +110,13 @@ def run(args) -> int:
         raise UserError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceeds the model's "
                         f"max_seq_len {cfg.max_seq_len}; lower them")
     prompts = benchmark_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    device = pick_device(args.dtype)
     rules = StopRules(tokenizer, args.new_tokens)
     rows = [row for size in sizes for row in measure(model, rules, prompts, size, heads)]
     setup = {"model": args.model, "n_future": cfg.n_future, "head_type": cfg.head_type, "d_model": cfg.d_model,
              "trunk_layers": cfg.trunk_layers, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
-             "new_tokens": args.new_tokens, "device": str(pick_device(args.dtype)), "dtype": args.dtype,
-             "machine": platform.processor() or platform.machine()}
+             "new_tokens": args.new_tokens, "device": str(device), "dtype": args.dtype,
+             "machine": machine_name(device)}
     if args.json:
         print(json.dumps({"setup": setup, "rows": [asdict(r) for r in rows]}, indent=2))
     else:
