@@ -46,13 +46,13 @@ class BlockCache:
     """Gives the loaded block for (epoch, block) and starts reading the following one."""
 
     def __init__(self, order: SampleOrder, location: str, shards: list[ShardInfo], dtype: str,
-                 num_workers: int, on_bad_shard: str, on_skip):
+                 num_workers: int, on_bad_shard: str, skipped: set[str]):
         self.order = order
         self.location = location
         self.shards = shards
         self.dtype = dtype
         self.on_bad_shard = on_bad_shard
-        self.on_skip = on_skip  # called once per skipped shard
+        self.skipped = skipped  # bad shard names, shared with the loader: each warned about once
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="shard-reader") if num_workers else None
         self.pending: dict[tuple[int, int], list[Future | np.ndarray | ShardError]] = {}
         self.loaded: dict[tuple[int, int], LoadedBlock] = {}
@@ -87,7 +87,7 @@ class BlockCache:
         results = [r.result() if isinstance(r, Future) else r for r in self.pending.pop(key)]
         bad = [slot for slot, r in enumerate(results) if isinstance(r, ShardError)]
         for slot in bad:
-            self._bad_shard(results[slot])
+            self._bad_shard(self.shards[plan.shards[slot]].name, results[slot])
         if bad:
             plan = plan.without(np.array(bad))
             if plan.size == 0:
@@ -98,14 +98,15 @@ class BlockCache:
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, self.dtype)
         return LoadedBlock(plan, tokens, offsets, self.order.first_id[plan.shards])
 
-    def _bad_shard(self, err: ShardError) -> None:
+    def _bad_shard(self, name: str, err: ShardError) -> None:
         if self.on_bad_shard == "error":
             raise UserError(
                 f"{err}; run `mtp data verify {self.location}` to list every bad shard, "
                 "or set data.on_bad_shard=skip to train without it"
             )
-        log.warning("skipping bad shard: %s", err)
-        self.on_skip()
+        if name not in self.skipped:  # every epoch meets it again; once is enough to say so
+            log.warning("skipping bad shard: %s", err)
+            self.skipped.add(name)
 
 
 def _read(location: str, shard: ShardInfo, dtype: str) -> np.ndarray | ShardError:

@@ -61,7 +61,7 @@ class StreamingLoader:
             raise UserError(f"the {split} split of {data_dir} is too small for one window of "
                             f"seq_len + n_future = {seq_len + n_future} tokens; lower seq_len or prepare more data")
         self.consumed = 0  # stream positions used by completed optimizer steps
-        self.skipped_shards = 0
+        self.skipped_shards: set[str] = set()  # names of the bad shards skipped so far
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -113,7 +113,7 @@ class StreamingLoader:
     def _micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches of every step from stream position `start` on."""
         cache = BlockCache(self.order, self.data_dir, self.shards, self.manifest.dtype,
-                           self.num_workers, self.on_bad_shard, self._count_skip)
+                           self.num_workers, self.on_bad_shard, self.skipped_shards)
         per_rank = self.global_batch_size // self.dp_size
         try:
             for step_start in range(start, 2**62, self.global_batch_size):
@@ -146,9 +146,6 @@ class StreamingLoader:
             groups.append(rest[rest < end])
             rest = rest[rest >= end]
         return groups
-
-    def _count_skip(self) -> None:
-        self.skipped_shards += 1
 
 
 def _check_args(seq_len, n_future, micro_batch_size, global_batch_size, dp_rank, dp_size,

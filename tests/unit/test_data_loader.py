@@ -192,10 +192,22 @@ def test_skip_mode_skips_counts_and_logs_the_bad_shard(data, tmp_path, caplog):
     it = iter(loader)
     ids = [i for _ in range(loader.windows_per_epoch // MB) for i in next(it)["sample_ids"].tolist()]
     it.close()
-    assert loader.skipped_shards == 1
+    assert loader.skipped_shards == {name}
     assert name in caplog.text
     assert len(ids) == loader.windows_per_epoch // MB * MB  # batches keep their shape
     assert not any(first_id[1] <= i < first_id[2] for i in ids)  # nothing from shard 1
+
+
+def test_skip_mode_warns_once_per_shard_across_epochs(data, tmp_path, caplog):
+    copy, name = _damaged_copy(data, tmp_path, "delete")
+    loader = _loaders(copy, 1, block_shards=100, on_bad_shard="skip")[0]
+    it = iter(loader)
+    for _ in range(3 * loader.windows_per_epoch // MB):  # three epochs meet the shard three times
+        next(it)
+    it.close()
+    assert loader.epoch >= 2
+    assert loader.skipped_shards == {name}
+    assert caplog.text.count("skipping bad shard") == 1
 
 
 def test_skip_mode_still_stops_when_a_block_has_no_good_shard(data, tmp_path):
