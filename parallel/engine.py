@@ -91,7 +91,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
         "gradient_accumulation_steps": train.global_batch_size // (train.micro_batch_size * dp_size),
         "gradient_clipping": 0.0 if own_clipping(cfg) else cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": cfg.parallel.dtype == "bfloat16"},
+        "bf16": {"enabled": cfg.parallel.dtype == "bfloat16", "check_grad_overflow": True},  # NaN/inf skips the step
         "pipeline": {"use_reentrant": False},  # recompute with torch-style checkpointing (int inputs allowed)
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -157,6 +157,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, place: Place):
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its topology and settings on stdout
         grid = model.mpu() if pipelined else deepspeed_grid(cfg.parallel.tp, 1, place.dp_size)
         check_groups_agree(grid)
+        if cfg.parallel.zero_stage == 3:  # the loss reads these outside their modules' calls (see LossScope)
+            for param in model.loss_params():
+                deepspeed.zero.register_external_parameter(model.loss_scope, param)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, place.dp_size), mpu=None if pipelined else grid,
@@ -165,7 +168,24 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, place: Place):
     if own_clipping(cfg):
         engine.mtp_clip = GradClip(list(model.parameters()), opt.grad_clip, grid)
         engine.optimizer.register_step_pre_hook(engine.mtp_clip)
+    apply_collective_timeout(cfg.fault.collective_timeout_s)
     return engine
+
+
+def apply_collective_timeout(seconds: int) -> None:
+    """Give every process group the run's collective timeout.
+
+    `init_process_group` takes it for the world group only; the groups
+    megatron and DeepSpeed create with `new_group` get the backend's default
+    (30 minutes on gloo, 10 on NCCL), so a hung peer would stall a gradient
+    all-reduce that long. torch has no public setter for an existing group.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=seconds)
+    for group in list(c10d._world.pg_map):
+        if group is not None and not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timeout, group)
 
 
 class GradClip:
@@ -176,6 +196,13 @@ class GradClip:
     model's tensor x pipeline group. Gradients are already averaged over
     data-parallel ranks when the optimizer steps. The clip factor is
     DeepSpeed's, max_norm / (norm + 1e-6), capped at 1.
+
+    A NaN/inf norm skips the step as DeepSpeed's ZeRO optimizers do: every
+    gradient is dropped (AdamW leaves a parameter without one untouched,
+    moments and step count included) and `optimizer.overflow` tells the
+    engine to count a skipped step and hold the learning-rate schedule. The
+    norm is reduced over tensor x pipeline ranks of already dp-averaged
+    gradients, so every rank of the job takes the same decision.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], max_norm: float, grid):
@@ -185,7 +212,7 @@ class GradClip:
         self.tp_rank = grid.get_slice_parallel_rank()
         self.value = float("nan")
 
-    def __call__(self, _optimizer, _args, _kwargs) -> None:
+    def __call__(self, optimizer, _args, _kwargs) -> None:
         grads = [p.grad for p in self.params
                  if p.grad is not None and (self.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
         device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,6 +222,11 @@ class GradClip:
         if dist.get_world_size(self.group) > 1:
             dist.all_reduce(square, group=self.group)
         self.value = math.sqrt(float(square))
+        optimizer.overflow = not math.isfinite(self.value)
+        if optimizer.overflow:
+            for p in self.params:
+                p.grad = None
+            return
         factor = self.max_norm / (self.value + 1e-6)
         if 0 < factor < 1:  # max_norm 0 turns clipping off
             for p in self.params:

@@ -5,7 +5,8 @@ formulas are written out in docs/planner.md; in short, per GPU and per
 pipeline stage (the worst stage decides):
 
     weights, gradients, optimizer   as DeepSpeed allocates them per ZeRO stage and dtype
-                (`_state_bytes`; ZeRO-3 cannot run the MTP loss, see topology.py)
+                (`_state_bytes`); ZeRO-3 partitions all three over dp and gathers the head block
+                (heads, final norm, unembedding) whole while the loss runs
     activations in_flight * L_stage * A_layer   without recompute
                 in_flight * L_stage * s b d w             with recompute (layer inputs kept), and one
                                                           layer's A_layer rebuilt during backward
@@ -34,7 +35,7 @@ from pretrain.model.config import ModelConfig
 
 GB = 1024**3
 MICRO_BATCHES = (1, 2, 4, 8, 16)
-ZERO_STAGES = (0, 1, 2)  # ZeRO-3 cannot run the per-head loss (parallel/topology.py)
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,12 @@ def _head_block_params(m: ModelConfig, padded_vocab: int) -> tuple[int, int]:
     return heads[0] + padded_vocab * d, heads[1] + d
 
 
+def head_block_params(m: ModelConfig, tp: int) -> float:
+    """Parameters of the head block on one GPU of the last stage (matrices / tp, norms whole)."""
+    split, norms = _head_block_params(m, m.padded_vocab(tp))
+    return split / tp + norms
+
+
 def stage_params(m: ModelConfig, tp: int, parts: list[int]) -> list[float]:
     """Parameters held by one GPU of each stage (matrices / tp, norms whole)."""
     padded = m.padded_vocab(tp)
@@ -171,15 +178,26 @@ def _state_bytes(params: float, lay: Layout, bf16: bool) -> tuple[float, float, 
     gradients too. bf16: weights and gradients 2 each, float32 master + m + v (12) partitioned over
     dp at every stage (DeepSpeed's bf16 optimizer partitions them even at ZeRO-0), plus float32
     gradients: a whole buffer (4) at ZeRO-0, this rank's partition (4 / dp) at ZeRO-1 and 2.
+    ZeRO-3 partitions the weights too (the whole weights of the modules running are `_gathered_bytes`).
     """
     dp, zero = lay.dp, lay.zero_stage
     if bf16:
         fp32_grads = 4 if zero == 0 else 4 / dp
-        grads = (2 / dp if zero == 2 else 2) + fp32_grads
-        return params * 2, params * grads, params * 12 / dp
+        grads = (2 / dp if zero >= 2 else 2) + fp32_grads
+        return params * (2 / dp if zero == 3 else 2), params * grads, params * 12 / dp
     if zero == 0:
         return params * 4, params * 4, params * 8
-    return params * 4, params * (4 / dp if zero == 2 else 4), params * 12 / dp
+    return params * (4 / dp if zero == 3 else 4), params * (4 / dp if zero >= 2 else 4), params * 12 / dp
+
+
+def _gathered_bytes(m: ModelConfig, lay: Layout, width: int) -> float:
+    """ZeRO-3: weights gathered whole on top of the partitions, at most the head block.
+
+    The loss holds the heads', final norm's and unembedding's weights for
+    its whole forward and backward (pretrain.model.mtp.LossScope); a trunk
+    layer, gathered only around its own forward and backward, is smaller.
+    """
+    return head_block_params(m, lay.tp) * width if lay.zero_stage == 3 else 0.0
 
 
 def _loss_bytes(m: ModelConfig, tokens: int, tp: int, width: int, chunk: int) -> float:
@@ -201,6 +219,7 @@ def memory(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int, bf16: 
     out = []
     for stage, params in enumerate(stage_params(m, lay.tp, parts)):
         weights, grads, optimizer = _state_bytes(params, lay, bf16)
+        weights += _gathered_bytes(m, lay, width)
         trunk = sum(1 for i in range(parts[stage], parts[stage + 1]) if 1 <= i <= m.trunk_layers)
         in_flight = min(lay.pp - stage, micro_batches)
         kept = tokens * m.d_model * width if lay.recompute else act_layer

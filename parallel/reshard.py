@@ -52,7 +52,7 @@ def save_layout(step_dir: str, engine, place) -> None:
     params = []
     for local, name, p in named_global_parameters(engine.module):
         params.append({
-            "name": name, "local": local, "shape": list(p.shape),
+            "name": name, "local": local, "shape": list(getattr(p, "ds_shape", p.shape)),  # ZeRO-3 holds a slice
             "split": bool(getattr(p, "tensor_model_parallel", False)),
             "dim": int(getattr(p, "partition_dim", 0)), "stride": int(getattr(p, "partition_stride", 1)),
             "opt_index": opt_index.get(id(p)),
@@ -202,11 +202,45 @@ def pad_rows(whole: torch.Tensor, rows: int) -> torch.Tensor:
 
 def full_model_state(step_dir: str, padded_vocab: int) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of any layout's checkpoint, vocabulary rows padded to `padded_vocab`."""
-    saved = SavedCheckpoint(step_dir)
+    extra = json.loads((Path(step_dir) / "extra.json").read_text())
+    if (extra.get("layout") or {}).get("zero_stage") == 3:
+        whole = zero3_model_state(step_dir)
+    else:
+        saved = SavedCheckpoint(step_dir)
+        whole = {name: saved.full(name)["param"] for name in saved.names()}
+    return {name: pad_rows(w, padded_vocab) if name in VOCAB_PARAMS else w.contiguous() for name, w in whole.items()}
+
+
+def zero3_model_state(step_dir: str) -> dict[str, torch.Tensor]:
+    """Whole fp32 weights of a ZeRO-3 checkpoint (pp=1): DeepSpeed's consolidation per tensor rank, shards joined.
+
+    DeepSpeed's `zero_to_fp32` reads tensor rank 0's files (`mp_rank_00`)
+    only, so each tensor rank's files are linked under that name in a
+    folder of their own; the layout records say how the shards join.
+    """
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    step = Path(step_dir)
+    vocab = json.loads((step / "extra.json").read_text())["model"]["vocab_size"]
+    records = [json.loads(f.read_text()) for f in sorted((step / LAYOUT_DIR).glob("pp00_tp*.json"))]
+    if not records:
+        raise UserError(f"{step} has no {LAYOUT_DIR}/ description of its shards; the checkpoint is incomplete")
+    shards = []
+    with tempfile.TemporaryDirectory(prefix="mtp-zero3-") as links:
+        for rec in records:
+            rank = f"mp_rank_{rec['mp_rank']:02d}"
+            folder = Path(links) / f"tp{rec['tp']}" / ENGINE_TAG
+            folder.mkdir(parents=True)
+            for file in (step / ENGINE_TAG).glob(f"*_{rank}_*.pt"):
+                (folder / file.name.replace(rank, "mp_rank_00")).symlink_to(file.resolve())
+            shards.append(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=ENGINE_TAG))
     out = {}
-    for name in saved.names():
-        weight = saved.full(name)["param"]
-        out[name] = pad_rows(weight, padded_vocab) if name in VOCAB_PARAMS else weight.contiguous()
+    for p in records[0]["params"]:
+        parts = [shard[p["local"]] for shard in shards]
+        whole = unshard(parts, p["dim"], p["stride"]) if p["split"] and len(parts) > 1 else parts[0]
+        out[p["name"]] = (whole[:vocab] if p["name"] in VOCAB_PARAMS else whole).detach()
     return out
 
 
@@ -221,8 +255,9 @@ def load_resharded(step_dir: str, engine, place) -> None:
     optimizer = engine.optimizer
     zero_like = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
     if engine.zero_optimization_stage() == 3:
-        raise UserError("resuming under another layout into parallel.zero_stage=3 is not supported; "
-                        "resume with parallel.zero_stage=1 or 2 and switch to 3 after the first checkpoint")
+        raise UserError(f"{step_dir} was saved as {saved._saved_layout()} (parallel.tp/pp/dp/zero_stage); "
+                        "ZeRO-3 resumes only its own checkpoints under the same layout: resume with those "
+                        "settings, or start parallel.zero_stage=3 in a new run.dir")
     base = optimizer.optimizer if zero_like else optimizer
     _create_adam_state(base, counters["step"])
     if zero_like:

@@ -136,12 +136,6 @@ def check_parallel(cfg, layers_per_stage: list[int] | None = None) -> None:
             "model.head_type=sequential embeds tokens in its heads with the trunk's embedding, which lives on "
             "pipeline stage 0; use parallel.pp=1 or model.head_type=transformer/linear"
         )
-    if p.zero_stage == 3:
-        raise UserError(
-            "parallel.zero_stage=3 is not supported: ZeRO-3 releases the heads' and unembedding's weights after "
-            "each module's forward, but the MTP loss runs every head's backward inside its own forward; "
-            "use parallel.zero_stage=2 (or 1 with tensor/pipeline parallelism) to save memory"
-        )
     if p.pp > 1:
         stage_parts(m, p.pp, layers_per_stage)
 

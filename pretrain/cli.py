@@ -2,7 +2,7 @@
 
 Each feature module owns its subcommands and exposes
 `register(subparsers, bench_subparsers)`; this file only wires them together
-and turns `UserError` into one clear line and a non-zero exit.
+and turns `UserError` and `RunFailure` into one clear line and a non-zero exit.
 """
 
 import argparse
@@ -14,7 +14,7 @@ import sys
 # reach the network except a tracking URI the user configured.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from pretrain.errors import UserError
+from pretrain.errors import RunFailure, UserError
 
 # Modules that add subcommands, in the order `mtp --help` lists them.
 COMMAND_MODULES = [
@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "pretrain.submit",
     "pretrain.bench.loss_memory",
     "pretrain.bench.train_step",
+    "pretrain.bench.faults",
     "pretrain.inference.cli",
     "pretrain.plan",
 ]
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"mtp {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailure as err:
+        print(f"mtp {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -31,6 +31,7 @@ class DataConfig:
     num_workers: int = 0  # loader threads per rank (shard reads, batch building); 0 reads in the training thread
     on_bad_shard: str = "error"  # "skip" logs and moves on instead of stopping the run
     seed: int = 1234  # the sample order is a pure function of this seed
+    log_sample_ids: bool = False  # write every step's window ids to <run.dir>/samples/ (audits of lost/repeated data)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class RunSection:
 @dataclass
 class FaultConfig:
     collective_timeout_s: int = 600  # a collective waiting longer fails the step instead of hanging the job
+    max_skipped_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient skipped before the run stops
 
 
 @dataclass
@@ -408,6 +410,7 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
         (bool(cfg.tracking.experiment), "tracking.experiment must not be empty"),
         (bool(cfg.run.dir), "run.dir must not be empty"),
         (cfg.fault.collective_timeout_s >= 1, "fault.collective_timeout_s must be >= 1 (seconds)"),
+        (cfg.fault.max_skipped_steps >= 0, "fault.max_skipped_steps must be >= 0 (0 stops at the first NaN/inf step)"),
     ]
 
 

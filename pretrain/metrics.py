@@ -78,7 +78,10 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def write(self, metrics: StepMetrics) -> None:
-        row = {"step": metrics.step, **metrics.scalars()}
+        self.write_row({"step": metrics.step, **metrics.scalars()})
+
+    def write_row(self, row: dict) -> None:
+        """One step's line; `row["step"]` is what a resume trims by."""
         self._file.write(json.dumps(row, allow_nan=True) + "\n")
         self._file.flush()
 

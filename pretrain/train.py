@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, check_data_dir, config_to_dict, load_config, save_config, validate
-from pretrain.errors import UserError
+from pretrain.errors import RunFailure, UserError
+from pretrain.faults import FaultInjector, from_env
 from pretrain.metrics import MetricsWriter, StepMetrics, Throughput, format_progress
 from pretrain.signals import StopFlag
 from pretrain.tracking import make_tracker, plot_head_curves
@@ -39,6 +40,8 @@ class Trainer:
         self.pipelined = cfg.parallel.pp > 1
         self.model = build_model(cfg, self.place)
         self.engine = build_engine(self.model, cfg, self.place)
+        self.faults = _fault_injector(self.place.rank)
+        self.faults.poison(self.model, lambda: self.step + 1)
         # Pipeline stages between the first and the last never see a batch.
         self.loader = self._loader("train") if self.place.feeds_data else None
         self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
@@ -47,6 +50,7 @@ class Trainer:
         self.tokens = 0
         self.run_id: str | None = None
         self.last_val: list[float] | None = None
+        self.skipped_in_row = 0  # consecutive optimizer steps skipped for a NaN/inf loss or gradient
 
     def _loader(self, split: str):
         from data_pipeline.loader import StreamingLoader
@@ -184,6 +188,7 @@ class Trainer:
         self.engine.save_checkpoint(tmp, tag=ckpt.ENGINE_TAG)
         save_layout(tmp, self.engine, self.place)
         ckpt.save_rng_state(tmp, self.place.rank)
+        self.faults.during_save(self.step)
         dist.barrier()
         if self.is_main:
             save_config(self.cfg, os.path.join(tmp, "config.yaml"))
@@ -207,28 +212,93 @@ class Trainer:
         tracker = make_tracker(cfg, self.place.rank, self.run_id)
         self.run_id = getattr(tracker, "run_id", None)
         metrics = self._start_run_dir(tracker)
+        samples = self._sample_log()
+        try:
+            self._loop(last_step, metrics, samples, tracker)
+        except Exception:
+            for log_file in (metrics, samples):
+                if log_file is not None:
+                    log_file.close()
+            if self.is_main:
+                tracker.close("FAILED")
+            raise
+        if samples is not None:
+            samples.close()
+        self.stop.settle()
+        self._finish(metrics, tracker, "FINISHED" if self.step >= cfg.train.max_steps else "KILLED")
+        return 0
+
+    def _loop(self, last_step: int, metrics, samples, tracker) -> None:
+        cfg = self.cfg
         throughput = Throughput()
         throughput.update(self.step, self.tokens)
-        batches = iter(self.loader) if self.loader is not None else None
+        step_ids: list[int] = []  # window ids this rank trains on in the step in flight
+        batches = _recorded(iter(self.loader), step_ids) if self.loader is not None else None
         while self.step < last_step:
+            self.faults.before_step(self.step + 1)
             lr = self.engine.get_lr()[0]
-            loss, heads, norm = self.train_step(batches)
+            skipped_before = self.engine.skipped_steps
+            loss, heads, norm = self._collective(self.train_step, batches)
             self.step += 1
             self.tokens += cfg.train.global_batch_size * cfg.train.seq_len
             throughput.update(self.step, self.tokens)
             record = StepMetrics(self.step, self.tokens, loss, heads, lr, norm, throughput.tokens_per_s,
                                  mfu=self._mfu(throughput.tokens_per_s))
-            self._maybe_evaluate(record)
+            self._check_skip(self.engine.skipped_steps > skipped_before, record)
+            if samples is not None:
+                samples.write_row({"step": self.step, "ids": step_ids[:]})
+            step_ids.clear()
+            self._collective(self._maybe_evaluate, record)
             self._record(record, metrics, tracker, throughput)
-            stopping = self.stop.agreed()
+            stopping = self._collective(self.stop.agreed)
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == last_step:
-                self.save()
+                self._collective(self.save)
             if stopping:
                 self._print(f"stop signal received: checkpointed step {self.step}, exiting")
                 break
-        self.stop.settle()
-        self._finish(metrics, tracker, "FINISHED" if self.step >= cfg.train.max_steps else "KILLED")
-        return 0
+
+    def _check_skip(self, skipped: bool, record: StepMetrics) -> None:
+        """Count a step the engine skipped for a NaN/inf gradient; too many in a row end the run.
+
+        Every rank sees the same decision (see parallel.engine.GradClip), so
+        every rank raises together and none waits in a collective.
+        """
+        record.extra["skipped_steps"] = float(self.engine.skipped_steps)
+        if not skipped:
+            self.skipped_in_row = 0
+            return
+        self.skipped_in_row += 1
+        limit = self.cfg.fault.max_skipped_steps
+        what = f"step {self.step}: loss {record.loss:.4g}, gradient norm {record.grad_norm:.4g}"
+        if self.skipped_in_row > limit:
+            raise RunFailure(
+                f"{what}: {self.skipped_in_row} steps in a row with a NaN/inf loss or gradient "
+                f"(fault.max_skipped_steps={limit}); the weights are those before them and the newest "
+                f"checkpoint is in {self.cfg.checkpoint_dir}: lower optimizer.lr or fix the data, then re-run"
+            )
+        log.warning("%s: NaN/inf loss or gradient, optimizer step skipped (%d in a row, limit fault.max_skipped_steps=%d)",
+                    what, self.skipped_in_row, limit)
+
+    def _collective(self, fn, *args):
+        """Run `fn`, turning a collective's timeout into one line naming the setting (exit 1, so torchrun restarts)."""
+        try:
+            return fn(*args)
+        except RuntimeError as err:
+            if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+                raise
+            raise RunFailure(
+                f"rank {self.place.rank}, step {self.step + 1}: a collective did not finish within "
+                f"fault.collective_timeout_s={self.cfg.fault.collective_timeout_s}s (a peer rank hung or died); "
+                "exiting so the launcher restarts the group from the newest checkpoint"
+            ) from err
+
+    def _sample_log(self) -> MetricsWriter | None:
+        """`samples/dp<r>.jsonl` on the rank that reads each data-parallel replica's batches, if asked for."""
+        place = self.place
+        if not (self.cfg.data.log_sample_ids and place.is_first_stage and place.tp_rank == 0):
+            return None
+        path = Path(self.cfg.run.dir) / "samples" / f"dp{place.dp_rank}.jsonl"
+        return MetricsWriter(str(path), resume_step=self.step if self.step > 0 else None)
 
     def _maybe_evaluate(self, record: StepMetrics) -> None:
         interval = self.cfg.train.eval_interval
@@ -297,6 +367,20 @@ class Trainer:
     def _print(self, line: str) -> None:
         if self.is_main:
             print(line, flush=True)
+
+
+def _recorded(batches, ids: list[int]):
+    """Pass batches through, appending each one's window ids to `ids`."""
+    for batch in batches:
+        ids.extend(batch["sample_ids"].tolist())
+        yield batch
+
+
+def _fault_injector(rank: int) -> FaultInjector:
+    try:
+        return FaultInjector(from_env(), rank)
+    except ValueError as err:
+        raise UserError(f"{err}; unset MTP_FAULT for a normal run") from None
 
 
 def _pairs(batches):

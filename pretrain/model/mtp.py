@@ -21,6 +21,28 @@ from pretrain.model.rotary import rotary_angles
 from pretrain.model.vocab import TokenEmbedding, Unembedding
 
 
+class LossScope(torch.nn.Module):
+    """A module call around the loss, holding no weights: `scope(fn, *args)` is `fn(*args)`.
+
+    ZeRO-3 keeps every weight as a 1/dp slice and gathers it whole only inside
+    the forward and backward of the module that owns it. The loss breaks that
+    pattern: it runs each head's backward inside its own forward, reads the
+    unembedding weight without calling its module, and hands the weights'
+    gradients out in its backward (autograd checks them against the shapes
+    the weights had when the loss was called). Under ZeRO-3,
+    `parallel.engine.build_engine` registers every weight the loss reads
+    (`MTPModel.loss_params`) as an external parameter of this module, so
+    DeepSpeed gathers them when this call starts and keeps them until it ends
+    (a head's own hooks cannot release what this module still uses), then
+    again when the backward reaches the loss's output until it has passed z:
+    autograd accumulates their gradients meanwhile, which fires ZeRO-3's
+    reduce-scatter hooks. Without ZeRO-3 this is a plain call.
+    """
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
 class MTPModel(torch.nn.Module):
     """Llama-style decoder on megatron-core with `cfg.n_future` output heads.
 
@@ -51,6 +73,7 @@ class MTPModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(build_layer(tcfg, i + 1) for i in range(cfg.trunk_layers))
         self.heads = build_heads(cfg, tcfg)
         self.unembedding = Unembedding(tcfg, cfg.padded_vocab(tp), cfg.vocab_size)
+        self.loss_scope = LossScope()
         # megatron's torch norms are created on the CPU in float32 whatever the other weights are
         self.to(device=torch.cuda.current_device() if cuda else "cpu", dtype=params_dtype)
 
@@ -84,6 +107,15 @@ class MTPModel(torch.nn.Module):
             params=params,
         )
 
+    def loss_params(self) -> list[torch.nn.Parameter]:
+        """Every weight `head_loss` reads, which ZeRO-3 must hold whole around it (see `LossScope`).
+
+        The heads', the unembedding's (final norm and projection) and, when
+        sequential heads embed tokens with it, the embedding's.
+        """
+        modules = [self.heads, self.unembedding, *([self.embedding] if self.heads.chained else [])]
+        return [p for module in modules for p in module.parameters()]
+
     def head_loss(self, z: torch.Tensor, labels: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Heads + unembedding + loss on the trunk output z [s, b, d]; see `forward`."""
         b, s = z.shape[1], z.shape[0]
@@ -102,7 +134,7 @@ class MTPModel(torch.nn.Module):
         `.backward()` on it. `head_losses` are the unscaled per-head means,
         detached, for logging (head 1 = the next-token loss).
         """
-        return self.head_loss(self.trunk(input_ids), labels, step)
+        return self.loss_scope(self.head_loss, self.trunk(input_ids), labels, step)
 
     def head_logits(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Whole logits [b, s, n_future, vocab] of every head, for evaluation and drafting.

@@ -4,7 +4,9 @@ Run by tests/distributed/test_layouts.py as
 
     torchrun --nproc-per-node K tests/distributed/layout_worker.py PLAN.json
 
-PLAN.json: {"tp", "pp", "out", "data", "variants": [{"name", "overrides", "resume_from"}]}.
+PLAN.json: {"tp", "pp", "out", "data", "variants": [{"name", "overrides", "resume_from"}]}, and
+optionally "zero_optimization": settings merged into DeepSpeed's ZeRO config
+(`zero_settings`).
 Each variant is `mtp train` (pretrain.cli.main, in this process: the launch
 and its imports are shared) with run.dir=<out>/<name>; `resume_from` is a
 step_* directory of another layout's run, copied in first so the run
@@ -36,6 +38,26 @@ def run_variant(plan: dict, variant: dict) -> None:
         raise SystemExit(f"variant {variant['name']} exited {code}")
 
 
+def zero_settings(settings: dict) -> None:
+    """Merge `settings` into the ZeRO section of every DeepSpeed config this process builds.
+
+    The ZeRO-3 tests set `stage3_param_persistence_threshold: 0`: by default
+    DeepSpeed keeps every weight under 1e5 elements whole after its first
+    gather, which at the tests' d_model=64 is every weight, and would leave
+    ZeRO-3's partitioning untested from the second step on.
+    """
+    import parallel.engine
+
+    build = parallel.engine.deepspeed_config
+
+    def with_settings(cfg, dp_size: int) -> dict:
+        config = build(cfg, dp_size)
+        config["zero_optimization"].update(settings)
+        return config
+
+    parallel.engine.deepspeed_config = with_settings
+
+
 def record_groups(plan: dict) -> None:
     from parallel.topology import deepspeed_grid, describe_groups
 
@@ -48,6 +70,8 @@ def record_groups(plan: dict) -> None:
 
 def main(plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
+    if "zero_optimization" in plan:
+        zero_settings(plan["zero_optimization"])
     for variant in plan["variants"]:
         run_variant(plan, variant)
     record_groups(plan)

@@ -10,8 +10,8 @@ per-step losses of every head, gradient norms and the final weights must
 agree with it to float32 rounding.
 
 Variants: n4 (n_future=4), n1 (n_future=1), rc (n_future=4 with activation
-recomputation), with ZeRO stages 0-2 spread over the layouts (ZeRO-3 is
-refused: see parallel/topology.py). `vocab_size`
+recomputation), with ZeRO stages 0-2 spread over the layouts (ZeRO-3 has
+its own launches: tests/distributed/test_zero3.py). `vocab_size`
 is 512 in those so the padded vocabulary (a multiple of 128 x tp) is the same
 at tp=1 and tp=2 and the random draws line up.
 
@@ -80,9 +80,12 @@ LAYOUTS = ["tp2", "dp2", "pp2", "tp2pp2", "pp2dp2"]
 CONVERSIONS = [("from_dp2", "tp2pp2", "dp2"), ("from_tp2", "pp2dp2", "tp2"), ("from_tp2pp2", "single", "tp2pp2")]
 
 
-def launch(base: Path, data: Path, name: str, tp: int, pp: int, world: int, variants: list[dict]) -> str:
+def launch(base: Path, data: Path, name: str, tp: int, pp: int, world: int, variants: list[dict],
+           extra: dict | None = None) -> str:
+    """Run one layout_worker launch; `extra` adds keys to its plan (e.g. "zero_optimization")."""
     plan = base / f"{name}.json"
-    plan.write_text(json.dumps({"tp": tp, "pp": pp, "out": str(base / name), "data": str(data), "variants": variants}))
+    plan.write_text(json.dumps({"tp": tp, "pp": pp, "out": str(base / name), "data": str(data), "variants": variants,
+                                **(extra or {})}))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)

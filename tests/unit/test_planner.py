@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from parallel.planner import (
-    GB, Hardware, Layout, estimate, layer_activation_bytes, memory, search, stage_params, total_params,
+    GB, Hardware, Layout, estimate, head_block_params, layer_activation_bytes, memory, search, stage_params,
+    total_params,
 )
 from parallel.topology import stage_parts
 from pretrain.errors import UserError
@@ -83,6 +84,29 @@ def test_state_bytes_follow_deepspeed_per_zero_stage(bf16, expected):
     for zero, (w, g, o) in expected.items():
         mem = memory(cfg, Layout(1, 1, 8, 1, False, zero), 256, 4, bf16, parts)[0]
         assert (mem.weights, mem.grads, mem.optimizer) == pytest.approx((w * params, g * params, o * params))
+
+
+@pytest.mark.parametrize("bf16, width, grads", [(False, 4, 4), (True, 2, 2 + 4)])
+def test_zero3_partitions_weights_and_gathers_the_head_block(bf16, width, grads):
+    """ZeRO-3: weights, gradients and optimizer state / dp, plus the head block whole while the loss runs."""
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 32000, "d_model": 512}, n_future=4, loss_chunk_tokens=64)
+    parts = [0, cfg.trunk_layers + 2]
+    params = stage_params(cfg, 2, parts)[0]
+    mem = memory(cfg, Layout(2, 1, 8, 1, False, 3), 256, 4, bf16, parts)[0]
+    gathered = head_block_params(cfg, 2) * width
+    assert 0 < gathered < params * width
+    assert (mem.weights, mem.grads, mem.optimizer) == pytest.approx(
+        (width * params / 8 + gathered, grads * params / 8, 12 * params / 8))
+    zero2 = memory(cfg, Layout(2, 1, 8, 1, False, 2), 256, 4, bf16, parts)[0]
+    assert mem.total < zero2.total
+
+
+def test_zero3_runs_without_pipelines_only():
+    cfg = ModelConfig(**{**SMALL, "n_layers": 8}, n_future=4)
+    found, ruled_out = search(cfg, 64, 8, False, Hardware(gpus=4, gpu_memory_gb=80), flops_per_token=1e6)
+    zero3 = [e.layout for e in found if e.layout.zero_stage == 3]
+    assert zero3 and all(lay.pp == 1 for lay in zero3)
+    assert any("ZeRO-3" in reason for reason in ruled_out)
 
 
 def test_chunking_and_recompute_lower_memory():
