@@ -215,12 +215,14 @@ class Trainer:
         samples = self._sample_log()
         try:
             self._loop(last_step, metrics, samples, tracker)
-        except Exception:
+        except Exception as err:
             for log_file in (metrics, samples):
                 if log_file is not None:
                     log_file.close()
             if self.is_main:
                 tracker.close("FAILED")
+            if _is_timeout(err):
+                raise self._timed_out() from err
             raise
         if samples is not None:
             samples.close()
@@ -238,7 +240,7 @@ class Trainer:
             self.faults.before_step(self.step + 1)
             lr = self.engine.get_lr()[0]
             skipped_before = self.engine.skipped_steps
-            loss, heads, norm = self._collective(self.train_step, batches)
+            loss, heads, norm = self.train_step(batches)
             self.step += 1
             self.tokens += cfg.train.global_batch_size * cfg.train.seq_len
             throughput.update(self.step, self.tokens)
@@ -248,11 +250,11 @@ class Trainer:
             if samples is not None:
                 samples.write_row({"step": self.step, "ids": step_ids[:]})
             step_ids.clear()
-            self._collective(self._maybe_evaluate, record)
+            self._maybe_evaluate(record)
             self._record(record, metrics, tracker, throughput)
-            stopping = self._collective(self.stop.agreed)
+            stopping = self.stop.agreed()
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == last_step:
-                self._collective(self.save)
+                self.save()
             if stopping:
                 self._print(f"stop signal received: checkpointed step {self.step}, exiting")
                 break
@@ -279,18 +281,13 @@ class Trainer:
         log.warning("%s: NaN/inf loss or gradient, optimizer step skipped (%d in a row, limit fault.max_skipped_steps=%d)",
                     what, self.skipped_in_row, limit)
 
-    def _collective(self, fn, *args):
-        """Run `fn`, turning a collective's timeout into one line naming the setting (exit 1, so torchrun restarts)."""
-        try:
-            return fn(*args)
-        except RuntimeError as err:
-            if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
-                raise
-            raise RunFailure(
-                f"rank {self.place.rank}, step {self.step + 1}: a collective did not finish within "
-                f"fault.collective_timeout_s={self.cfg.fault.collective_timeout_s}s (a peer rank hung or died); "
-                "exiting so the launcher restarts the group from the newest checkpoint"
-            ) from err
+    def _timed_out(self) -> RunFailure:
+        """One line naming the setting for a collective's timeout (exit 1, so torchrun restarts the group)."""
+        return RunFailure(
+            f"rank {self.place.rank}, step {self.step + 1}: a collective did not finish within "
+            f"fault.collective_timeout_s={self.cfg.fault.collective_timeout_s}s (a peer rank hung or died); "
+            "exiting so the launcher restarts the group from the newest checkpoint"
+        )
 
     def _sample_log(self) -> MetricsWriter | None:
         """`samples/dp<r>.jsonl` on the rank that reads each data-parallel replica's batches, if asked for."""
@@ -367,6 +364,12 @@ class Trainer:
     def _print(self, line: str) -> None:
         if self.is_main:
             print(line, flush=True)
+
+
+def _is_timeout(err: Exception) -> bool:
+    """gloo says "Timed out waiting ...", NCCL's watchdog "... timeout": both are RuntimeErrors."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def _recorded(batches, ids: list[int]):
