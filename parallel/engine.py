@@ -1,62 +1,35 @@
-"""Turn a model and a run config into a DeepSpeed engine.
+"""Turn a model description and the runtime into a DeepSpeed engine.
 
-The trainer never touches DeepSpeed directly: it asks this module for a
-model and an engine, feeds it batches and reads back losses. pp=1 gives an
-`MTPModel` under DeepSpeed's engine; pp>1 an `MTPPipeline` under its
-pipeline engine. Both use DeepSpeed's process grid (`parallel.topology`), so
-gradients are averaged over data-parallel peers only.
+The trainer never touches DeepSpeed directly: `parallel.steps` asks this
+module for a model and an engine and drives them. pp=1 gives an `MTPModel`
+under DeepSpeed's engine; pp>1 an `MTPPipeline` under its pipeline engine.
+Both use DeepSpeed's process grid (`parallel.topology`), so gradients are
+averaged over data-parallel peers only.
+
+Precision (`parallel.dtype=bfloat16`): parameters and activations are
+bf16; DeepSpeed's ZeRO/bf16 optimizers keep fp32 master weights and Adam
+moments, accumulate gradients over micro-batches in fp32 and reduce them
+over data-parallel ranks in fp32 (see `deepspeed_config`).
 """
 
 import contextlib
 import functools
 import math
-import os
 import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from parallel.topology import Place, check_groups_agree, deepspeed_grid, deepspeed_topology, place_of
+from parallel.runtime import Runtime
+from parallel.topology import check_groups_agree, deepspeed_grid, deepspeed_topology
 from pretrain.config import RunConfig
 
-__all__ = ["Place", "build_engine", "build_model", "grad_norm", "init_distributed"]
+__all__ = ["build_engine", "build_model", "deepspeed_config"]
 
-
-def init_distributed(cfg: RunConfig) -> Place:
-    """Join (or, for a plain `python` run, create) the process group and megatron's groups.
-
-    torchrun sets RANK/WORLD_SIZE/MASTER_*; without it we are a group of one
-    on loopback so the same code path runs everywhere.
-    """
-    import deepspeed
-
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # DeepSpeed announces its CPU shared-memory op on stdout; keep stdout for our own output (--json).
-    with contextlib.redirect_stdout(sys.stderr):
-        deepspeed.init_distributed(
-            dist_backend=backend, verbose=False, timeout=timedelta(seconds=cfg.fault.collective_timeout_s)
-        )
-    from parallel.megatron_setup import init_model_parallel
-
-    init_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return place_of(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]),
-                    cfg.parallel.tp, cfg.parallel.pp)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Elements per ZeRO reduce / all-gather bucket: 2e8 (0.8 GB at fp32) keeps NCCL messages large enough
+# for link bandwidth, while overlap_comm's double buffering (about 4.5 x the bucket) stays a few GB.
+BUCKET_ELEMENTS = 200_000_000
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -83,42 +56,58 @@ def own_clipping(cfg: RunConfig) -> bool:
     return cfg.parallel.zero_stage == 0 and cfg.parallel.dtype == "float32"
 
 
-def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, dp_size: int, pipelined: bool) -> dict:
+    """DeepSpeed's config for this run; every setting that differs from DeepSpeed's default says why."""
     train = cfg.train
+    bf16 = cfg.parallel.dtype == "bfloat16"
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.global_batch_size // (train.micro_batch_size * dp_size),
         "gradient_clipping": 0.0 if own_clipping(cfg) else cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": cfg.parallel.dtype == "bfloat16", "check_grad_overflow": True},  # NaN/inf skips the step
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},  # NaN/inf skips the step
+        # Sum micro-batch gradients and reduce them over data-parallel ranks in fp32: bf16 sums drop
+        # the low bits of small gradients after a few additions (DeepSpeed's default is the model dtype).
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
+        "zero_optimization": _zero_config(cfg.parallel.zero_stage, pipelined),
         "pipeline": {"use_reentrant": False},  # recompute with torch-style checkpointing (int inputs allowed)
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
 
 
-def build_model(cfg: RunConfig, place: Place) -> torch.nn.Module:
+def _zero_config(stage: int, pipelined: bool) -> dict:
+    return {
+        "stage": stage,
+        # Reduce each gradient bucket while the backward pass goes on. DeepSpeed's pipeline schedule
+        # reduces after the last micro-batch and would switch it off with a warning: say so here.
+        "overlap_comm": not pipelined,
+        "contiguous_gradients": True,  # reduced gradients go into one flat buffer: no fragmentation
+        "reduce_scatter": True,
+        "reduce_bucket_size": BUCKET_ELEMENTS,
+        "allgather_bucket_size": BUCKET_ELEMENTS,
+    }
+
+
+def build_model(cfg: RunConfig, runtime: Runtime) -> torch.nn.Module:
     """The model of `cfg` for this rank: MTPModel when pp=1, this rank's MTPPipeline stage otherwise.
 
-    Both draw the same initial weights for the same `train.seed` (see
-    parallel/pipeline.py), so a run's layout does not change its start.
+    Weights are created on the runtime's device in its dtype and drawn from
+    `train.seed` by parameter name, so every layout starts from the same model.
     """
-    from parallel.megatron_setup import seed_everything
-
-    seed_everything(cfg.train.seed)
     p = cfg.parallel
     if p.pp == 1:
         from pretrain.model.mtp import MTPModel
 
-        model = MTPModel(cfg.model)
+        model = MTPModel(cfg.model, params_dtype=runtime.dtype, device=runtime.device, seed=cfg.train.seed)
         if p.recompute:
             recompute_trunk(model)
         return model
     from parallel.pipeline import MTPPipeline
 
-    return MTPPipeline(cfg.model, deepspeed_topology(p.tp, p.pp, place.dp_size), recompute=p.recompute,
-                       layers_per_stage=p.layers_per_stage)
+    return MTPPipeline(cfg.model, deepspeed_topology(p.tp, p.pp, runtime.place.dp_size), runtime.dtype,
+                       runtime.device, cfg.train.seed, recompute=p.recompute, layers_per_stage=p.layers_per_stage)
 
 
 def recompute_trunk(model: torch.nn.Module) -> None:
@@ -134,14 +123,17 @@ def recompute_trunk(model: torch.nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, place: Place):
+def build_engine(model: torch.nn.Module, cfg: RunConfig, runtime: Runtime):
     """A DeepSpeed engine with AdamW and the warm-up + cosine schedule.
 
     The optimizer is a plain torch AdamW handed to DeepSpeed, so the same
     code runs on CPU (where DeepSpeed's fused Adam cannot be built) and GPU.
     A pipeline module brings its own process grid; a pp=1 model gets one
     here. Either way megatron's groups are checked against it.
+    `engine.mtp_clip` is our gradient clipping where DeepSpeed's own is
+    wrong (`own_clipping`), else None.
     """
+    place = runtime.place
     import deepspeed
 
     from parallel.pipeline import MTPPipeline
@@ -162,12 +154,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, place: Place):
                 deepspeed.zero.register_external_parameter(model.loss_scope, param)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, place.dp_size), mpu=None if pipelined else grid,
+            config=deepspeed_config(cfg, place.dp_size, pipelined), mpu=None if pipelined else grid,
         )
-    engine.mtp_clip = None
-    if own_clipping(cfg):
-        engine.mtp_clip = GradClip(list(model.parameters()), opt.grad_clip, grid)
-        engine.optimizer.register_step_pre_hook(engine.mtp_clip)
+    engine.mtp_clip = GradClip(list(model.parameters()), opt.grad_clip, grid) if own_clipping(cfg) else None
     apply_collective_timeout(cfg.fault.collective_timeout_s)
     return engine
 
@@ -212,10 +201,10 @@ class GradClip:
         self.tp_rank = grid.get_slice_parallel_rank()
         self.value = float("nan")
 
-    def __call__(self, optimizer, _args, _kwargs) -> None:
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.params
                  if p.grad is not None and (self.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
-        device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.params[0].device
         square = torch.zeros((), dtype=torch.float64, device=device)
         for grad in grads:  # a norm per tensor (no copy of the gradient), summed in float64
             square += torch.linalg.vector_norm(grad.detach()).double() ** 2

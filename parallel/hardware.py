@@ -1,10 +1,9 @@
 """Peak dense matmul throughput of the accelerator, the denominator of MFU.
 
 MFU is only meaningful against a known peak, so unknown devices (and CPUs)
-report none rather than a guess.
+report none rather than a guess. The device name comes from the runtime
+(`Runtime.device_name`).
 """
-
-import torch
 
 # Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s.
 _PEAKS = {
@@ -15,11 +14,9 @@ _PEAKS = {
 }
 
 
-def peak_flops(dtype: str) -> float | None:
-    """Peak FLOP/s of one local GPU for `dtype`, or None when unknown or on CPU."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    """Peak FLOP/s of one device named `device_name` for `dtype`, or None when unknown (CPUs included)."""
+    name = device_name
     for model, peaks in _PEAKS.items():
         if model in name:
             return peaks.get(dtype)

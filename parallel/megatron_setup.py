@@ -1,4 +1,4 @@
-"""Process groups and seeding for megatron-core, usable from a single CPU process.
+"""Process groups for megatron-core, usable from a single CPU process.
 
 megatron-core's layers look up their tensor-parallel group in
 `parallel_state`, so that state must exist before any model is built, even
@@ -8,12 +8,10 @@ idempotent, so tests, tools and the trainer can all call it.
 """
 
 import os
-import random
 import socket
 
-import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 
 from pretrain.errors import UserError
 
@@ -56,21 +54,3 @@ def init_model_parallel(tp: int = 1, pp: int = 1) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, torch and, on GPUs, megatron's tensor-parallel RNG tracker.
-
-    megatron's `model_parallel_cuda_manual_seed` only knows CUDA generators.
-    On CPU the tracker is reset to an empty one instead: our model has no
-    dropout, so nothing forks it, and a stray fork fails with megatron's own
-    "state is not added" message rather than a CUDA error. Weights are
-    initialised on the CPU generator (`use_cpu_initialization`), identically
-    on every tensor-parallel rank, then split, so seeding torch is enough.
-    """
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    else:
-        tensor_parallel.random.initialize_rng_tracker(force_reset=True)

@@ -13,12 +13,10 @@ vocab-parallel cross-entropy) run on the HeadsStage. Batches are
 `(input_ids, labels)` tuples: DeepSpeed gives input_ids to stage 0 and labels
 to the last stage, so only those two stages read data.
 
-Weights: the stages are built in MTPModel's order on every rank, each rank
-keeping only its own and dropping the others as soon as they are built. The
-random draws then happen exactly as in a one-process MTPModel, so a pipeline
-starts from the same weights as a pp=1 run of the same seed (and tensor
-parallelism splits the same master weights), which is what makes layouts
-comparable step for step.
+Weights: each rank builds only its own stage's modules and initialises them
+by MTPModel name (`pretrain.model.init`), so a pipeline starts from the same
+weights as a pp=1 run of the same seed, whatever the split, which is what
+makes layouts comparable step for step.
 """
 
 import contextlib
@@ -33,7 +31,8 @@ from parallel.topology import stage_parts
 from pretrain.model.config import ModelConfig
 from pretrain.model.heads import build_heads
 from pretrain.model.layers import build_layer
-from pretrain.model.megatron_config import transformer_config
+from pretrain.model.init import initialize
+from pretrain.model.megatron_config import residual_depth, transformer_config
 from pretrain.model.mtp import MTPModel
 from pretrain.model.rotary import rotary_angles
 from pretrain.model.vocab import TokenEmbedding, Unembedding
@@ -89,27 +88,23 @@ class HeadsStage(torch.nn.Module):
         return z  # the loss_fn does the work: it needs the labels
 
 
-def _stage_layers(cfg: ModelConfig, parts: list[int], stage: int, params_dtype: torch.dtype) -> list:
-    """This stage's modules in place, LayerSpec placeholders (never built) elsewhere.
-
-    Earlier stages' modules are built and dropped so the RNG advances exactly
-    as in MTPModel.__init__ (see the module docstring).
-    """
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tcfg = transformer_config(cfg, tp, params_dtype)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    makers = [(EmbeddingStage, lambda: EmbeddingStage(tcfg, cfg.padded_vocab(tp)))]
+def _stage_layers(cfg: ModelConfig, parts: list[int], stage: int, tcfg, params_dtype: torch.dtype,
+                  device: torch.device) -> list:
+    """This stage's modules, built on `device`; LayerSpec placeholders (never built) for other stages."""
+    padded = cfg.padded_vocab(parallel_state.get_tensor_model_parallel_world_size())
+    makers = [(EmbeddingStage, lambda: EmbeddingStage(tcfg, padded))]
     makers += [(TrunkLayerStage, lambda i=i: TrunkLayerStage(cfg, tcfg, i + 1, params_dtype))
                for i in range(cfg.trunk_layers)]
-    makers.append((HeadsStage, lambda: HeadsStage(cfg, tcfg, cfg.padded_vocab(tp), params_dtype)))
+    makers.append((HeadsStage, lambda: HeadsStage(cfg, tcfg, padded, params_dtype)))
     first, stop = parts[stage], parts[stage + 1]
     layers = []
     for idx, (cls, make) in enumerate(makers):
-        if idx >= stop:
+        if not first <= idx < stop:
             layers.append(LayerSpec(cls))
             continue
-        module = make()
-        layers.append(module.to(device=device, dtype=params_dtype) if idx >= first else LayerSpec(cls))
+        with torch.device(device) if device.type != "cuda" else contextlib.nullcontext():
+            module = make()
+        layers.append(module.to(device=device, dtype=params_dtype))
     return layers
 
 
@@ -121,13 +116,15 @@ class MTPPipeline(PipelineModule):
     (`reduce_head_losses`).
     """
 
-    def __init__(self, cfg: ModelConfig, topology, params_dtype: torch.dtype = torch.float32,
-                 recompute: bool = False, layers_per_stage: list[int] | None = None):
+    def __init__(self, cfg: ModelConfig, topology, params_dtype: torch.dtype, device: torch.device,
+                 seed: int, recompute: bool = False, layers_per_stage: list[int] | None = None):
         pp = topology.get_dim("pipe")
         parts = stage_parts(cfg, pp, layers_per_stage)
         stage = topology.get_coord(dist.get_rank()).pipe
         object.__setattr__(self, "_fixed_parts", parts)  # read by _partition_layers inside super().__init__
-        layers = _stage_layers(cfg, parts, stage, params_dtype)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tcfg = transformer_config(cfg, tp, params_dtype, on_gpu=device.type == "cuda")
+        layers = _stage_layers(cfg, parts, stage, tcfg, params_dtype, device)
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints the partition on stdout
             super().__init__(
                 layers, topology=topology, partition_method="uniform",
@@ -135,6 +132,7 @@ class MTPPipeline(PipelineModule):
                 checkpointable_layers=[TrunkLayerStage.__name__],
             )
         self.cfg = cfg
+        initialize(((name, p) for _, name, p in named_global_parameters(self)), cfg, seed, residual_depth(cfg))
         self.step = 0
         self.micro_batches = 0
         self.sums: torch.Tensor | None = None  # [1 + n]: loss, head losses summed over micro-batches
@@ -155,19 +153,19 @@ class MTPPipeline(PipelineModule):
         return loss
 
 
-def reduce_head_losses(pipe: MTPPipeline, dp_size: int) -> list[float]:
+def reduce_head_losses(pipe: MTPPipeline, dp_size: int, device: torch.device) -> torch.Tensor:
     """[loss, head 1 .. head n] of the last batch, mean over micro-batches and data-parallel ranks, on every rank.
 
     Only last-stage ranks of tensor rank 0 hold sums; one all-reduce over the
-    world brings them to rank 0 (on stage 0), which logs them.
+    world brings them to rank 0 (on stage 0), which logs them. The result
+    stays on `device`: reading it is the caller's one host synchronisation.
     """
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     values = torch.zeros(1 + pipe.cfg.n_future, device=device)
     if pipe.sums is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-        values = (pipe.sums / pipe.micro_batches).to(device)
+        values = pipe.sums / pipe.micro_batches
     pipe.sums, pipe.micro_batches = None, 0
     dist.all_reduce(values)
-    return (values.cpu() / dp_size).tolist()
+    return values / dp_size
 
 
 def global_name(local: str, trunk_layers: int) -> str:

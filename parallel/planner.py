@@ -56,6 +56,7 @@ class Layout:
     micro_batch: int
     recompute: bool
     zero_stage: int
+    dtype: str = "bfloat16"
 
 
 @dataclass

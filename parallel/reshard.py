@@ -30,18 +30,12 @@ from pathlib import Path
 import torch
 
 from parallel.pipeline import named_global_parameters
-from pretrain.errors import UserError
 from pretrain.checkpoint import ENGINE_TAG
+from pretrain.errors import UserError
+from pretrain.model.sharding import VOCAB_PARAMS, local_slice, pad_rows, unshard
+
 LAYOUT_DIR = "layout"
-VOCAB_PARAMS = ("embedding.embed.weight", "unembedding.output.weight")  # rows = padded vocabulary
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def layout_record(cfg, place) -> dict:
-    """What decides how a checkpoint's files are cut; equal records load with DeepSpeed's own loader."""
-    p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "dp": place.dp_size, "zero_stage": p.zero_stage, "dtype": p.dtype,
-            "layers_per_stage": p.layers_per_stage}
 
 
 def save_layout(step_dir: str, engine, place) -> None:
@@ -181,25 +175,6 @@ class SavedCheckpoint:
         return {"step": float(step), **{k: engine_file[k] for k in keys}}
 
 
-def unshard(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Whole tensor from tensor-parallel shards; rank r holds stride-chunks r, r + tp, ... (megatron's split)."""
-    chunks = [part.chunk(stride, dim) for part in parts]
-    return torch.cat([chunks[r][k] for k in range(stride) for r in range(len(parts))], dim)
-
-
-def shard(whole: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
-    """This rank's slice of `whole`, as megatron's `_initialize_affine_weight_cpu` cuts the master weight."""
-    chunks = whole.chunk(size * stride, dim)
-    return torch.cat(chunks[rank::size], dim)
-
-
-def pad_rows(whole: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero rows up to the padded vocabulary of the new tensor-parallel size (padding ids are never used)."""
-    if whole.shape[0] == rows:
-        return whole
-    return torch.cat([whole, whole.new_zeros(rows - whole.shape[0], *whole.shape[1:])])
-
-
 def full_model_state(step_dir: str, padded_vocab: int) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of any layout's checkpoint, vocabulary rows padded to `padded_vocab`."""
     extra = json.loads((Path(step_dir) / "extra.json").read_text())
@@ -265,7 +240,7 @@ def load_resharded(step_dir: str, engine, place) -> None:
     for _local, name, param in named_global_parameters(engine.module):
         if name not in saved.by_name:
             raise UserError(f"{step_dir} has no weights for {name}; it is of another model, use a new run.dir")
-        values = {k: _slice_for(name, v, param, place) for k, v in saved.full(name).items()}
+        values = {k: _slice_for(name, v, param) for k, v in saved.full(name).items()}
         _assign(param, values, base if not zero_like else None)
     engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
     for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
@@ -286,17 +261,13 @@ def _create_adam_state(base: torch.optim.Optimizer, step: float) -> None:
             }
 
 
-def _slice_for(name: str, whole: torch.Tensor, param: torch.nn.Parameter, place) -> torch.Tensor:
-    """`whole` re-padded to this layout's vocabulary and cut to this rank's shape of `param`."""
-    split = getattr(param, "tensor_model_parallel", False) and place.tp_size > 1
-    if name in VOCAB_PARAMS:
-        whole = pad_rows(whole, param.shape[0] * (place.tp_size if split else 1))
-    if split:
-        whole = shard(whole, param.partition_dim, param.partition_stride, place.tp_rank, place.tp_size)
-    if tuple(whole.shape) != tuple(param.shape):
-        raise UserError(f"checkpoint tensor {name} has shape {tuple(whole.shape)} here, the model wants "
+def _slice_for(name: str, whole: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """`whole` (logical) padded and cut to this rank's slice of `param`; refuses tensors of another model."""
+    local = local_slice(name, whole, param)
+    if tuple(local.shape) != tuple(param.shape):
+        raise UserError(f"checkpoint tensor {name} has shape {tuple(local.shape)} here, the model wants "
                         f"{tuple(param.shape)}; it is of another model, use a new run.dir")
-    return whole
+    return local
 
 
 def _assign(param: torch.nn.Parameter, values: dict[str, torch.Tensor], plain_optimizer) -> None:

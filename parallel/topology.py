@@ -55,6 +55,13 @@ def place_of(rank: int, world_size: int, local_rank: int, tp: int, pp: int) -> P
                  tp_rank=rank % tp, tp_size=tp, pp_rank=rank // (tp * dp), pp_size=pp)
 
 
+def layout_record(cfg, place: Place) -> dict:
+    """What decides how a checkpoint's files are cut; equal records load with DeepSpeed's own loader."""
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "dp": place.dp_size, "zero_stage": p.zero_stage, "dtype": p.dtype,
+            "layers_per_stage": p.layers_per_stage}
+
+
 # ---- pipeline partition -----------------------------------------------------------
 
 def pipeline_weights(model: ModelConfig) -> list[int]:

@@ -225,21 +225,21 @@ def rng_file(ckpt_dir: str, rank: int) -> str:
     return os.path.join(ckpt_dir, "rng", f"rank_{rank:05d}.pt")
 
 
-def save_rng_state(ckpt_dir: str, rank: int) -> None:
-    """Save this rank's python, numpy, torch CPU and (when present) CUDA generator states."""
+def save_rng_state(ckpt_dir: str, rank: int, device: torch.device) -> None:
+    """Save this rank's python, numpy, torch CPU and (on a GPU) its device's generator states."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
     path = rng_file(ckpt_dir, rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
 
 
-def load_rng_state(ckpt_dir: str, rank: int) -> bool:
+def load_rng_state(ckpt_dir: str, rank: int, device: torch.device) -> bool:
     """Restore what `save_rng_state` wrote for `rank`; False (and a warning) when the file is absent.
 
     It is absent when the run resumes on more ranks than saved it; those
@@ -254,6 +254,6 @@ def load_rng_state(ckpt_dir: str, rank: int) -> bool:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    if isinstance(state["cuda"], torch.Tensor) and device.type == "cuda":  # older checkpoints kept a list
+        torch.cuda.set_rng_state(state["cuda"], device)
     return True

@@ -83,7 +83,7 @@ class ParallelConfig:
     dp: int | None = None  # data-parallel ranks; None = world size / (tp * pp)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3; only 0-1 combine with pp > 1
     recompute: bool = False  # activation recomputation of transformer layers
-    dtype: str = "float32"  # "bfloat16" needs CUDA
+    dtype: str = "float32"  # "bfloat16": bf16 weights, fp32 masters and gradients (needs zero_stage >= 1); CPU too
     layers_per_stage: list[int] | None = None  # trunk layers per pipeline stage; None balances, a head counting as a layer
 
 
@@ -316,12 +316,8 @@ def _type_error(key: str, tp: Any, value: Any) -> UserError:
     return UserError(f"{key} must be {_type_name(tp)}, got {shown}")
 
 
-def validate(cfg: RunConfig, world_size: int, cuda: bool | None = None) -> Layout:
-    """Reject impossible settings before any work starts; return the parallel layout.
-
-    `cuda` says whether CUDA devices exist; None asks torch (imported only
-    then, so CPU-only configs never pay for it).
-    """
+def validate(cfg: RunConfig, world_size: int) -> Layout:
+    """Reject impossible settings before any work starts; return the parallel layout."""
     cfg.model.validate()
     layout = _layout(cfg, world_size)
     for ok, message in _checks(cfg, layout):
@@ -330,18 +326,7 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool | None = None) -> Layou
     from parallel.topology import check_parallel  # torch-free; lives with the layout code it mirrors
 
     check_parallel(cfg, cfg.parallel.layers_per_stage)
-    if cfg.parallel.dtype == "bfloat16" and not (_cuda_available() if cuda is None else cuda):
-        raise UserError(
-            "parallel.dtype=bfloat16 needs CUDA GPUs and none were found; "
-            "set parallel.dtype=float32 to train on CPU"
-        )
     return layout
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _layout(cfg: RunConfig, world_size: int) -> Layout:
@@ -402,6 +387,11 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
         (m.kv_heads % p.tp == 0, f"parallel.tp={p.tp} must divide model.n_kv_heads={m.kv_heads}"),
         (m.ffn_size % p.tp == 0, f"parallel.tp={p.tp} must divide the feed-forward size {m.ffn_size}"),
         (p.dtype in DTYPES, f"parallel.dtype must be one of {', '.join(DTYPES)}, got '{p.dtype}'"),
+        # DeepSpeed 0.19.8 keeps fp32 master weights and accumulates gradients in fp32 only inside its
+        # ZeRO and bf16 optimizers; at stage 0 a bf16 model would sum and reduce bf16 gradients.
+        (p.dtype != "bfloat16" or p.zero_stage >= 1,
+         "parallel.dtype=bfloat16 needs parallel.zero_stage=1, 2 or 3 (fp32 master weights and fp32 gradient "
+         "accumulation come with DeepSpeed's ZeRO optimizers; stage 1 costs no memory at one data-parallel rank)"),
         (cfg.data.on_bad_shard in BAD_SHARD_POLICIES,
          f"data.on_bad_shard must be one of {', '.join(BAD_SHARD_POLICIES)}, got '{cfg.data.on_bad_shard}'"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),

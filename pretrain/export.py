@@ -101,7 +101,7 @@ def model_with_weights(cfg: ModelConfig, state: dict[str, torch.Tensor], source:
     from pretrain.model.mtp import MTPModel
 
     init_model_parallel(tp=1, pp=1)
-    model = MTPModel(cfg)
+    model = MTPModel(cfg, seed=None)  # every weight comes from `state`
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]  # megatron's, always None
     if missing or unexpected:

@@ -204,34 +204,37 @@ def measure(cfg, steps: int, as_json: bool) -> int:
     resident memory just before the model is built, with glibc told to serve
     every block over 64 KiB by mmap so freed tensors leave the process and
     the peak follows live tensors rather than the allocator's free lists.
+    The steps are the trainer's (`parallel.steps`), in the config's dtype:
+    bf16 on a CPU holds exactly the tensors it holds on a GPU.
     """
-    import torch
+    import itertools
+
     import torch.distributed as dist
 
-    import parallel.pipeline  # noqa: F401  (imports happen before the baseline is taken)
-    from parallel.engine import build_engine, build_model, init_distributed
     from parallel.planner import Layout, memory
+    from parallel.runtime import local_decision, start
     from parallel.topology import check_parallel, stage_parts
     from pretrain.config import validate
 
-    if torch.cuda.is_available():
-        raise UserError("--measure checks the memory model on CPUs (float32); on GPUs read the engine's own "
-                        "memory report instead")
-    if cfg.parallel.dtype != "float32" or steps < 1:
-        raise UserError("--measure runs float32 on CPU with --steps >= 1; set parallel.dtype=float32")
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda=False)
+    if local_decision().backend != "gloo" or steps < 1:
+        raise UserError("--measure checks the memory model on CPUs with --steps >= 1; on GPUs read the engine's "
+                        "own memory report instead")
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_parallel(cfg)
     _serve_big_blocks_by_mmap()
-    place = init_distributed(cfg)
+    p, t = cfg.parallel, cfg.train
+    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s)
+    import parallel.steps  # noqa: F401  (imports happen before the baseline is taken)
+
+    place = runtime.place
     baseline = _status_kb("VmRSS")
     _reset_peak()
-    model = build_model(cfg, place)
-    engine = build_engine(model, cfg, place)
+    steps_engine = parallel.steps.Steps.open(cfg, runtime)
+    batches = itertools.cycle(_batches(cfg, count=4)) if place.feeds_data else None
     for step in range(steps):
-        _one_step(engine, model, cfg, place, step)
+        steps_engine.train_step(batches, step)
     measured = (_status_kb("VmHWM") - baseline) * 1024
-    p, t = cfg.parallel, cfg.train
-    lay = Layout(p.tp, p.pp, place.dp_size, t.micro_batch_size, p.recompute, p.zero_stage)
+    lay = Layout(p.tp, p.pp, place.dp_size, t.micro_batch_size, p.recompute, p.zero_stage, p.dtype)
     micro = t.global_batch_size // (place.dp_size * t.micro_batch_size)
     parts = stage_parts(cfg.model, p.pp)
     predicted = memory(cfg.model, lay, t.seq_len, micro, False, parts)[place.pp_rank]
@@ -245,26 +248,18 @@ def measure(cfg, steps: int, as_json: bool) -> int:
     return 0
 
 
-def _one_step(engine, model, cfg, place, step: int) -> None:
-    """One optimizer step on random tokens (memory does not depend on their values)."""
+def _batches(cfg, count: int) -> list[dict]:
+    """Random loader-shaped micro-batches (memory does not depend on the token values)."""
     import torch
 
     t, m = cfg.train, cfg.model
-    micro = t.global_batch_size // (place.dp_size * t.micro_batch_size)
-    gen = torch.Generator().manual_seed(step)
-
-    def batch():
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
         tokens = torch.randint(0, m.vocab_size, (t.micro_batch_size, t.seq_len + m.n_future), generator=gen)
         labels = torch.stack([tokens[:, k:k + t.seq_len] for k in range(1, m.n_future + 1)], dim=1)
-        return tokens[:, : t.seq_len], labels  # [mb, s], [mb, n, s]
-
-    if cfg.parallel.pp > 1:
-        engine.train_batch(iter([batch() for _ in range(micro)]))
-        return
-    for _ in range(micro):
-        loss, _ = engine(*batch(), step=step)
-        engine.backward(loss)
-        engine.step()
+        out.append({"input_ids": tokens[:, : t.seq_len], "labels": labels})  # [mb, s], [mb, n, s]
+    return out
 
 
 def _serve_big_blocks_by_mmap() -> None:

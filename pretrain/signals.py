@@ -15,7 +15,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopFlag:
-    def __init__(self):
+    """The stop signal this process got, agreed on by every rank over `group` (a CPU/gloo group)."""
+
+    def __init__(self, group=None):
+        self.group = group
         self.received: int | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
@@ -36,11 +39,10 @@ class StopFlag:
         """True on every rank as soon as any rank got a stop signal.
 
         One tiny all-reduce per step: ranks must stop after the same step or
-        the checkpoint's collectives would hang.
+        the checkpoint's collectives would hang. It runs on a host (gloo)
+        group, so it never waits for the GPU's queue.
         """
         flag = torch.tensor([1.0 if self.received else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())

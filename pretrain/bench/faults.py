@@ -36,7 +36,7 @@ from pretrain.errors import UserError
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 SHAPE = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=4",
+    "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=4",
     "model.loss_chunk_tokens=48", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
     f"train.max_steps={STEPS}", "train.eval_interval=0", "train.log_interval=1", "checkpoint.interval=4",
     "checkpoint.keep=5", "schedule.warmup_steps=2", "optimizer.lr=3e-3", "tracking.enabled=false",
@@ -148,10 +148,6 @@ def _env(fault: str | None) -> dict[str, str]:
         env.pop(key, None)
     if fault:
         env["MTP_FAULT"] = fault
-    import torch
-
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
@@ -342,14 +338,16 @@ def _tail(attempt: Attempt, n: int = 30) -> str:
 def markdown(results: list[Result], args) -> str:
     import torch
 
+    from parallel.runtime import local_decision
+
     head = [
         "# Reliability drills",
         "",
         "Produced by `mtp bench faults" + (f" --out {args.out}" if args.out else "") + "` "
         f"on {date.today().isoformat()}, {platform.node()} ({os.cpu_count()} CPU cores, "
-        f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}), torch {torch.__version__}: "
+        f"{'CUDA' if local_decision().device != 'cpu' else 'no GPU'}), torch {torch.__version__}: "
         f"`torchrun --standalone --nproc-per-node={args.nproc} --max-restarts=1 mtp train` of the tiny model "
-        f"(d_model 64, 2 layers, n_future 4), dp={args.nproc}, ZeRO-1, {STEPS} steps, a checkpoint every 4, "
+        f"(d_model 64, 2 trunk layers, n_future 4), dp={args.nproc}, ZeRO-1, {STEPS} steps, a checkpoint every 4, "
         "against an undisturbed run of the same command. How each fault is made: `pretrain/faults.py`; "
         "what is measured: `pretrain/bench/faults.py`.",
         "",

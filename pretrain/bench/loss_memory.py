@@ -84,11 +84,12 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         raise UserError("--tokens, --seq-len, --vocab, --d-model, --chunk-tokens and --repeats must be >= 1")
     if args.tokens % args.seq_len or args.d_model % 64:
         raise UserError("--tokens must be a multiple of --seq-len and --d-model a multiple of 64")
-    import torch
+    from parallel.runtime import local_decision
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    decided = local_decision().device.split(":")[0]
+    if args.device == "cuda" and decided != "cuda":
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = decided if args.device == "auto" else args.device
     shape = dict(tokens=args.tokens, seq_len=args.seq_len, vocab=args.vocab, d_model=args.d_model,
                  head_type=args.head_type, chunk_tokens=args.chunk_tokens, device=device, repeats=args.repeats)
     return [Case(impl=impl, n_future=n, **shape) for n in N_VALUES for impl in IMPLS]
@@ -146,17 +147,17 @@ def _build(case: Case):
     """Model (1 trunk layer, unused), random trunk output z [s, b, d] and labels [b, n, s]."""
     import torch
 
-    from parallel.megatron_setup import init_model_parallel, seed_everything
+    from parallel.megatron_setup import init_model_parallel
     from pretrain.model.config import ModelConfig
     from pretrain.model.mtp import MTPModel
 
     init_model_parallel()
-    seed_everything(0)
+    torch.manual_seed(0)
     dtype = torch.bfloat16 if case.device == "cuda" else torch.float32
-    cfg = ModelConfig(vocab_size=case.vocab, d_model=case.d_model, n_heads=case.d_model // 64, n_layers=1,
+    cfg = ModelConfig(vocab_size=case.vocab, d_model=case.d_model, n_heads=case.d_model // 64, n_layers=2,
                       n_future=case.n_future, head_type=case.head_type, max_seq_len=case.seq_len,
                       loss_chunk_tokens=case.chunk_tokens)
-    model = MTPModel(cfg, params_dtype=dtype).to(case.device)
+    model = MTPModel(cfg, params_dtype=dtype).to(case.device)  # built on the CPU, as generation builds models
     batch = case.tokens // case.seq_len
     z = torch.randn(case.seq_len, batch, case.d_model, device=case.device, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, case.vocab, (batch, case.n_future, case.seq_len), device=case.device)

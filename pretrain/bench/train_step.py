@@ -47,64 +47,59 @@ def variants(cfg) -> list[tuple[str, object]]:
 
 
 class Subject:
-    """One model variant with its own DeepSpeed engine and a fixed random batch."""
+    """One model variant with its own DeepSpeed engine and a fixed random batch, stepped as training steps."""
 
-    def __init__(self, label: str, model_cfg, cfg, place):
+    def __init__(self, label: str, model_cfg, cfg, runtime):
+        import itertools
+
         import torch
 
         from parallel.engine import build_engine
+        from parallel.steps import EngineSteps
         from pretrain.model.counting import flops_per_token, param_counts
         from pretrain.model.mtp import MTPModel
 
-        torch.manual_seed(0)
         self.label = label
-        self.model = MTPModel(model_cfg)
-        if torch.cuda.is_available():
-            self.model.cuda()
-        self.engine = build_engine(self.model, dataclasses.replace(cfg, model=model_cfg), place)
-        self.params = param_counts(self.model)["total"]
+        self.runtime = runtime
+        run_cfg = dataclasses.replace(cfg, model=model_cfg)
+        model = MTPModel(model_cfg, params_dtype=runtime.dtype, device=runtime.device, seed=0)
+        self.steps = EngineSteps(run_cfg, runtime, model, build_engine(model, run_cfg, runtime))
+        self.params = param_counts(model)["total"]
         self.flops = flops_per_token(model_cfg, cfg.train.seq_len)
-        self.micro_steps = cfg.train.global_batch_size // (cfg.train.micro_batch_size * place.dp_size)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         shape = (cfg.train.micro_batch_size, cfg.train.seq_len + model_cfg.n_future)
-        tokens = torch.randint(0, model_cfg.vocab_size, shape, device=device)  # [mb, s + n]
+        tokens = torch.randint(0, model_cfg.vocab_size, shape, generator=torch.Generator().manual_seed(0))  # [mb, s + n]
         s = cfg.train.seq_len
-        self.inputs = tokens[:, :s]  # [mb, s]
-        self.labels = torch.stack([tokens[:, k:k + s] for k in range(1, model_cfg.n_future + 1)], dim=1)  # [mb, n, s]
+        labels = torch.stack([tokens[:, k:k + s] for k in range(1, model_cfg.n_future + 1)], dim=1)  # [mb, n, s]
+        self.batches = itertools.repeat({"input_ids": tokens[:, :s], "labels": labels})
         self.times: list[float] = []
 
     def step(self, timed: bool) -> None:
-        import torch
-
         start = time.perf_counter()
-        for _ in range(self.micro_steps):
-            loss, _ = self.engine(self.inputs, self.labels)
-            self.engine.backward(loss)
-            self.engine.step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        self.steps.train_step(self.batches, step=0)
+        self.runtime.synchronize()
         if timed:
             self.times.append(time.perf_counter() - start)
 
 
 def measure(cfg, steps: int, warmup: int) -> list[dict]:
-    from parallel.engine import init_distributed
     from parallel.hardware import peak_flops
+    from parallel.runtime import start
 
-    place = init_distributed(cfg)
-    subjects = [Subject(label, m, cfg, place) for label, m in variants(cfg)]
+    p = cfg.parallel
+    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s)
+    subjects = [Subject(label, m, cfg, runtime) for label, m in variants(cfg)]
     for i in range(warmup + steps):
         for subject in subjects:
             subject.step(timed=i >= warmup)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
-    peak = peak_flops(cfg.parallel.dtype)
+    peak = peak_flops(runtime.device_name(), runtime.dtype_name)
     base = statistics.median(subjects[0].times)
     rows = []
     for s in subjects:
         seconds = statistics.median(s.times)
         rows.append({
             "variant": s.label, "params": s.params, "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "time_vs_n1": seconds / base, "mfu": (s.flops * tokens / seconds / peak) if peak else None,
+            "time_vs_n1": seconds / base, "mfu": (s.flops * tokens / seconds / (peak * runtime.place.world_size)) if peak else None,
         })
     return rows
 

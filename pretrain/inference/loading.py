@@ -32,14 +32,16 @@ def quiet_megatron():
 
 
 def pick_device(dtype: str) -> torch.device:
-    """CUDA when there is a GPU, else the CPU; bfloat16 only on a GPU (CPU bf16 matmuls are slow and unneeded)."""
+    """This process's device as the runtime decides it (a GPU when there is one, else the CPU).
+
+    bfloat16 runs on either; on a CPU it is slow and only worth it to check
+    what a bf16 model does.
+    """
+    from parallel.runtime import local_decision
+
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if dtype != "float32":
-        raise UserError(f"--dtype {dtype} needs a CUDA GPU and none was found; use --dtype float32 on a CPU")
-    return torch.device("cpu")
+    return torch.device(local_decision().device)
 
 
 def load_model(path: str, dtype: str = "float32"):

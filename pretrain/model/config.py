@@ -14,14 +14,14 @@ HEAD_TYPES = ("transformer", "linear", "sequential")
 class ModelConfig:
     vocab_size: int | None = None  # None: taken from the prepared data's tokenizer
     d_model: int = 256
-    n_layers: int = 4  # trunk layers before `match_params` removes any
+    n_layers: int = 4  # transformer layers of the n=1 model: its trunk plus head 1 (a Llama of this depth)
     n_heads: int = 4
     n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
     ffn_hidden: int | None = None  # None: Llama's rule, 8/3 d rounded up to 64
     max_seq_len: int = 512
     n_future: int = 4  # 1 = ordinary next-token model
     head_type: str = "transformer"
-    match_params: bool = False  # drop n_future-1 trunk layers, as the paper does
+    match_params: bool = False  # keep n_layers layers in all: n_future-1 trunk layers make room for the heads
     head_weights: list[float] | None = None  # per-head loss weights; None = all 1
     # Factor on heads 2..n. `aux_schedule` is [[start_step, factor], ...]
     # (e.g. [[0, 0.3], [10000, 0.1]]); empty means the constant `aux_factor`.
@@ -44,8 +44,15 @@ class ModelConfig:
 
     @property
     def trunk_layers(self) -> int:
-        """Trunk depth after parameter matching."""
-        return self.n_layers - (self.n_future - 1 if self.match_params else 0)
+        """Trunk layers, heads excluded.
+
+        `n_layers` counts the n=1 model's layers, trunk plus head 1. Without
+        `match_params` the heads come on top of that trunk (n_layers - 1 trunk
+        layers); with it the model keeps n_layers transformer layers in all,
+        as the paper's and Meta's parameter-matched models do: the 7B n=4
+        model has 28 trunk layers + 4 heads = 32, like its n=1 baseline's 31 + 1.
+        """
+        return self.n_layers - (self.n_future if self.match_params else 1)
 
     @property
     def weights(self) -> list[float]:
@@ -84,7 +91,9 @@ class ModelConfig:
             (self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
             (self.n_heads % self.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
             ((self.d_model // self.n_heads) % 2 == 0, "model.d_model / model.n_heads (head dim) must be even for rotary positions"),
-            (self.trunk_layers >= 1, "model.n_layers must exceed model.n_future - 1 when model.match_params is true"),
+            (self.trunk_layers >= 1,
+             "model.n_layers must exceed model.n_future when model.match_params is true (and be >= 2 otherwise): "
+             "the trunk needs a layer of its own"),
             (self.head_weights is None or len(self.head_weights) == self.n_future,
              "model.head_weights must list one weight per head (model.n_future entries)"),
             (all(len(p) == 2 for p in self.aux_schedule), "model.aux_schedule entries must be [start_step, factor] pairs"),

@@ -2,8 +2,14 @@
 
 One place decides every megatron switch, so the trunk and the heads are built
 from the same settings: Llama-style (RMSNorm, SwiGLU, no biases, no dropout),
-CPU initialisation when there is no GPU, and every fusion that needs
-Transformer Engine, apex or CUDA turned off (megatron falls back to torch).
+parameters allocated where the runtime says (on the CPU, or straight on the
+GPU) in the run's dtype, and every fusion that needs Transformer Engine,
+apex or CUDA turned off (megatron falls back to torch).
+
+megatron's initialisation methods are replaced by `_leave_for_init`: the
+weights are drawn afterwards from layout-independent logical tensors
+(`pretrain.model.init`). megatron still runs its initialisation path,
+because that is where it marks each weight's tensor-parallel split.
 """
 
 import torch
@@ -24,8 +30,16 @@ def residual_depth(cfg: ModelConfig) -> int:
     return cfg.trunk_layers + head_depth
 
 
-def transformer_config(cfg: ModelConfig, tp: int, params_dtype: torch.dtype) -> TransformerConfig:
-    """The megatron config every TransformerLayer of the model is built from."""
+def _leave_for_init(tensor: torch.Tensor) -> None:
+    """megatron's init hook, doing nothing: `pretrain.model.init` fills the weights once built."""
+
+
+def transformer_config(cfg: ModelConfig, tp: int, params_dtype: torch.dtype, on_gpu: bool = False) -> TransformerConfig:
+    """The megatron config every TransformerLayer of the model is built from.
+
+    `on_gpu`: allocate weights on the current CUDA device (the runtime set
+    it) rather than on the CPU.
+    """
     return TransformerConfig(
         num_layers=max(1, residual_depth(cfg)),
         hidden_size=cfg.d_model,
@@ -41,8 +55,11 @@ def transformer_config(cfg: ModelConfig, tp: int, params_dtype: torch.dtype) -> 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
+        init_method=_leave_for_init,
+        output_layer_init_method=_leave_for_init,
+        embedding_init_method=_leave_for_init,
         perform_initialization=True,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not on_gpu,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         bias_activation_fusion=False,

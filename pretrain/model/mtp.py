@@ -7,16 +7,18 @@ trunk layers, and put heads + unembedding + loss on the last stage
 megatron.
 """
 
-import torch
-from megatron.core import parallel_state, tensor_parallel
+import contextlib
 
-from parallel.megatron_setup import init_model_parallel
+import torch
+from megatron.core import parallel_state
+
 from pretrain.errors import UserError
 from pretrain.loss import HeadStack, mtp_loss
 from pretrain.model.config import ModelConfig
 from pretrain.model.heads import TokensFor, build_heads
+from pretrain.model.init import initialize
 from pretrain.model.layers import build_layer
-from pretrain.model.megatron_config import transformer_config
+from pretrain.model.megatron_config import residual_depth, transformer_config
 from pretrain.model.rotary import rotary_angles
 from pretrain.model.vocab import TokenEmbedding, Unembedding
 
@@ -46,36 +48,36 @@ class LossScope(torch.nn.Module):
 class MTPModel(torch.nn.Module):
     """Llama-style decoder on megatron-core with `cfg.n_future` output heads.
 
-    Builds on whatever tensor-parallel groups exist; with none, it starts a
-    single-process group itself (tp=1). Weights live on the current GPU when
-    there is one, else on the CPU.
-    `params_dtype` is float32 on CPU, bfloat16 on GPUs, float64 for
-    gradient checks.
+    Builds on the tensor-parallel groups that exist (`parallel.runtime.start`
+    or, for one process, `parallel.megatron_setup.init_model_parallel`): the
+    model creates no process group and touches no RNG state. Weights are
+    `params_dtype` on `device` (float32 or bfloat16 for training, float64
+    for gradient checks; "meta" to count parameters without memory), drawn
+    from `seed` by `pretrain.model.init`, the same under every layout;
+    `seed=None` leaves them unset for a caller that loads weights next.
     """
 
-    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", seed: int | None = 0):
         super().__init__()
         if cfg.vocab_size is None:
             raise UserError("model.vocab_size is not set; prepare the data first or set model.vocab_size")
         cfg.validate()
-        if not parallel_state.model_parallel_is_initialized():
-            init_model_parallel()
-        cuda = torch.cuda.is_available()
-        if cuda and not tensor_parallel.get_cuda_rng_tracker().is_initialized():
-            # megatron draws GPU weights from its tensor-parallel RNG tracker: seed it from
-            # torch's own seed, so `torch.manual_seed(s)` alone still fixes the weights
-            tensor_parallel.model_parallel_cuda_manual_seed(torch.initial_seed() % 2**31)
+        device = torch.device(device)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.cfg = cfg
         self.params_dtype = params_dtype
-        tcfg = transformer_config(cfg, tp, params_dtype)
-        self.embedding = TokenEmbedding(tcfg, cfg.padded_vocab(tp))
-        self.layers = torch.nn.ModuleList(build_layer(tcfg, i + 1) for i in range(cfg.trunk_layers))
-        self.heads = build_heads(cfg, tcfg)
-        self.unembedding = Unembedding(tcfg, cfg.padded_vocab(tp), cfg.vocab_size)
+        tcfg = transformer_config(cfg, tp, params_dtype, on_gpu=device.type == "cuda")
+        with torch.device(device) if device.type != "cuda" else contextlib.nullcontext():
+            self.embedding = TokenEmbedding(tcfg, cfg.padded_vocab(tp))
+            self.layers = torch.nn.ModuleList(build_layer(tcfg, i + 1) for i in range(cfg.trunk_layers))
+            self.heads = build_heads(cfg, tcfg)
+            self.unembedding = Unembedding(tcfg, cfg.padded_vocab(tp), cfg.vocab_size)
         self.loss_scope = LossScope()
         # megatron's torch norms are created on the CPU in float32 whatever the other weights are
-        self.to(device=torch.cuda.current_device() if cuda else "cpu", dtype=params_dtype)
+        self.to(device=device, dtype=params_dtype)
+        if seed is not None and device.type != "meta":
+            initialize(self.named_parameters(), cfg, seed, residual_depth(cfg))
 
     def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [s, 1, 1, head_dim] for positions 0 .. seq_len - 1."""

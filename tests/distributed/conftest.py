@@ -16,7 +16,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
     """Real code, a few hundred kilobytes: enough windows of 36 bytes for every run here."""
     json_pkg = Path(sysconfig.get_paths()["stdlib"]) / "json"
     out = tmp_path_factory.mktemp("data") / "stdlib-json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env = dict(os.environ)
     subprocess.run(
         [sys.executable, "-m", "pretrain.cli", "prepare", "--source", str(json_pkg), "--tokenizer", "byte",
          "--out", str(out), "--val-fraction", "0.2", "--shard-tokens", "100000", "--workers", "1"],

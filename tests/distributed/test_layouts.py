@@ -86,7 +86,7 @@ def launch(base: Path, data: Path, name: str, tp: int, pp: int, world: int, vari
     plan = base / f"{name}.json"
     plan.write_text(json.dumps({"tp": tp, "pp": pp, "out": str(base / name), "data": str(data), "variants": variants,
                                 **(extra or {})}))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     torchrun = Path(sys.executable).parent / "torchrun"

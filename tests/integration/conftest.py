@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def mtp_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     env.update(extra)

@@ -16,6 +16,8 @@ import torch
 from pretrain.checkpoint import COMPLETE, CheckpointStore, load_rng_state, save_rng_state
 from pretrain.errors import UserError
 
+CPU = torch.device("cpu")
+
 
 def save(store: CheckpointStore, step: int, payload: bytes = b"weights") -> str:
     """What the trainer does: engine files into the temp dir, then commit."""
@@ -155,18 +157,18 @@ def draw() -> tuple:
 def test_rng_state_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     draw()
-    save_rng_state(str(tmp_path), rank=1)
+    save_rng_state(str(tmp_path), rank=1, device=CPU)
     expected = [draw() for _ in range(3)]
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    assert load_rng_state(str(tmp_path), rank=1)
+    assert load_rng_state(str(tmp_path), rank=1, device=CPU)
     assert [draw() for _ in range(3)] == expected
 
 
 def test_rng_state_absent_for_new_rank(tmp_path, caplog):
-    save_rng_state(str(tmp_path), rank=0)
+    save_rng_state(str(tmp_path), rank=0, device=CPU)
     before = torch.get_rng_state()
     with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
-        assert not load_rng_state(str(tmp_path), rank=3)
+        assert not load_rng_state(str(tmp_path), rank=3, device=CPU)
     assert "no RNG state for rank 3" in caplog.text
     assert torch.equal(before, torch.get_rng_state())
 
@@ -174,8 +176,8 @@ def test_rng_state_absent_for_new_rank(tmp_path, caplog):
 def test_rng_files_are_part_of_the_manifest(tmp_path):
     store = CheckpointStore(str(tmp_path / "ckpt"), keep=1)
     tmp = store.begin(7)
-    save_rng_state(tmp, rank=0)
+    save_rng_state(tmp, rank=0, device=CPU)
     path = store.commit(tmp, 7, {})
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert "rng/rank_00000.pt" in manifest["files"]
-    assert load_rng_state(path, rank=0)
+    assert load_rng_state(path, rank=0, device=CPU)

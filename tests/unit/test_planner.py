@@ -19,7 +19,7 @@ from pretrain.errors import UserError
 from pretrain.model.config import ModelConfig
 from tests.integration.conftest import run_mtp
 
-SMALL = dict(vocab_size=300, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
+SMALL = dict(vocab_size=300, d_model=64, n_layers=5, n_heads=4, max_seq_len=64)
 
 
 @pytest.mark.parametrize("extra", [
@@ -52,7 +52,7 @@ def test_layer_activations_equal_what_autograd_saves():
     from pretrain.model.mtp import MTPModel
 
     init_model_parallel()
-    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, n_future=1, max_seq_len=256)
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, n_future=1, max_seq_len=256)
     model = MTPModel(cfg)
     s, b = 128, 2
     x = torch.randn(s, b, cfg.d_model, requires_grad=True)
@@ -134,11 +134,11 @@ def test_pipeline_bubble_and_in_flight_micro_batches():
 def test_stage_parts_count_each_head_as_a_layer():
     cfg = ModelConfig(**SMALL, n_future=4)  # weights [0, 1, 1, 1, 1, 4]
     assert stage_parts(cfg, 2) == [0, 5, 6]  # all trunk layers on stage 0, the 4 heads alone on stage 1
-    seven_b = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_future=4, match_params=True)
+    seven_b = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_future=4, match_params=True)  # 28 + 4
     parts = stage_parts(seven_b, 4)
-    weights = [0] + [1] * 29 + [4]
+    weights = [0] + [1] * 28 + [4]
     loads = [sum(weights[a:b]) for a, b in zip(parts, parts[1:])]
-    assert max(loads) == 9 and parts[-2] < 30  # 33 layer-equivalents over 4 stages; the last holds the heads
+    assert max(loads) == 8 and parts[-2] < 29  # 32 layer-equivalents over 4 stages; the last holds the heads
     assert stage_parts(cfg, 2, [1, 3]) == [0, 2, 6]
     with pytest.raises(UserError, match="layers_per_stage"):
         stage_parts(cfg, 2, [2, 3])
