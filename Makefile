@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup system-deps test demo clean-venv
+.PHONY: setup system-deps test lint demo clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ system-deps:
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q
+
+# The lint rules and why: [tool.ruff] in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
 
 # The main job on the embedded default: the Python standard library as a
 # byte-level corpus, a tiny n=4 model trained for about ten minutes on CPU.

@@ -30,8 +30,8 @@ from megatron.core import parallel_state
 from parallel.topology import stage_parts
 from pretrain.model.config import ModelConfig
 from pretrain.model.heads import build_heads
-from pretrain.model.layers import build_layer
 from pretrain.model.init import initialize
+from pretrain.model.layers import build_layer
 from pretrain.model.megatron_config import residual_depth, transformer_config
 from pretrain.model.mtp import MTPModel
 from pretrain.model.rotary import rotary_angles

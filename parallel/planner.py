@@ -10,7 +10,7 @@ pipeline stage (the worst stage decides):
     activations in_flight * L_stage * A_layer   without recompute
                 in_flight * L_stage * s b d w             with recompute (layer inputs kept), and one
                                                           layer's A_layer rebuilt during backward
-                A_layer = s b w (6 d + (3 d + 3 d_kv + 5 f) / tp)    (flash attention: no s^2 term)
+                A_layer = s b (2 (8 + w) d + w (3 d + 3 d_kv + 5 f) / tp)    (flash attention: no s^2)
     loss        last stage: one head layer's activations, the stored gradients of the heads,
                 final norm and unembedding, the fp32 weight-gradient accumulator and one chunk of
                 logits (chunk x V/tp); unchunked, the chunk is every token of the micro-batch
@@ -22,10 +22,24 @@ pipeline stage (the worst stage decides):
                     weights + optimizer + activations + p2p + gradients + rebuilt layer
 
 P_local counts this stage's matrices / tp and its norms whole. in_flight =
-min(pp - stage, micro-batches): DeepSpeed's 1F1B schedule. Step time is
-FLOPs / (GPUs x peak x MFU), the FLOPs being `flops_per_token` x tokens
-(plus one more forward of every recomputed trunk layer), stretched by the
-pipeline bubble (m + pp - 1) / m.
+min(pp - stage, micro-batches): DeepSpeed's 1F1B schedule.
+
+Step time, per GPU:
+    compute     FLOPs / (GPUs x peak x MFU), the FLOPs being `flops_per_token` x tokens (plus one
+                more forward of every recomputed trunk layer); MFU is the computation's own efficiency
+    tensor      4 all-reduces of [s b, d] per layer per micro-batch (2 forward, 2 backward; 2 more
+                forward when recomputed), the embedding's and each head's loss gradient, on NVLink
+    pipeline    a forward activation and a backward gradient [s b, d] per micro-batch and stage
+    per micro-batch, the slowest stage's (compute + tensor + pipeline) x (m + pp - 1) micro-batch slots
+    data        the gradient reduction once per step (ZeRO-0/1: all-reduce of the fp32 gradients, then
+                ZeRO-1 all-gathers the updated weights; ZeRO-2: reduce-scatter + all-gather; ZeRO-3:
+                every micro-batch all-gathers the weights twice and reduce-scatters the gradients),
+                over NVLink when the data-parallel group fits in a node, else over InfiniBand; ZeRO-2/3
+                overlap it with the backward pass at pp=1 (DeepSpeed's overlap_comm), ZeRO-0/1 and
+                pipelines reduce after it. `Hardware.overlap=False` charges every byte.
+An all-reduce of B bytes over n ranks costs 2 (n-1)/n B / bandwidth (ring), a
+reduce-scatter or all-gather half of that; bandwidths are NCCL bus bandwidths
+per GPU.
 """
 
 from dataclasses import dataclass, field
@@ -43,9 +57,12 @@ class Hardware:
     gpus: int
     gpu_memory_gb: float
     gpu_tflops: float = 989.0  # dense bf16 peak of an H100 SXM
-    mfu: float = 0.4  # fraction of peak the non-bubble compute reaches, communication included
+    mfu: float = 0.55  # fraction of peak the computation itself reaches (communication modelled apart)
     gpus_per_node: int = 8  # tensor parallelism stays inside a node
     reserve_gb: float = 4.0  # CUDA context, communication buffers, allocator fragmentation
+    intra_node_gbs: float = 360.0  # NCCL bus bandwidth per GPU on NVLink 4 (H100 SXM: 450 GB/s each way)
+    inter_node_gbs: float = 45.0  # per GPU across nodes: one 400 Gb/s InfiniBand NIC each (50 GB/s line rate)
+    overlap: bool = True  # the data-parallel reduction overlaps the backward pass where DeepSpeed does so
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,16 @@ class Memory:
 
 
 @dataclass
+class Comm:
+    """Communication seconds of one step on one GPU."""
+
+    tensor_s: float = 0.0  # tensor-parallel all-reduces, on the critical path of the slowest stage
+    pipeline_s: float = 0.0  # pipeline sends and receives of the slowest stage
+    data_s: float = 0.0  # data-parallel reduction (and ZeRO gathers), all of it
+    data_exposed_s: float = 0.0  # the part of data_s not hidden behind the backward pass
+
+
+@dataclass
 class Estimate:
     layout: Layout
     stages: list[Memory]
@@ -97,6 +124,7 @@ class Estimate:
     step_s: float
     tokens_per_s: float
     model_mfu: float  # model FLOPs / (time x GPUs x peak): what the trainer would log
+    comm: Comm = field(default_factory=Comm)
     fits: bool = False
     peak_stage: int = 0
     notes: list[str] = field(default_factory=list)
@@ -158,33 +186,40 @@ def total_params(m: ModelConfig) -> int:
 
 # ---- memory -------------------------------------------------------------------------
 
+def _width(lay: Layout) -> int:
+    """Bytes of one weight or activation element in the run's dtype."""
+    return 2 if lay.dtype == "bfloat16" else 4
+
+
 def layer_activation_bytes(m: ModelConfig, tokens: int, tp: int, width: int) -> float:
     """Tensors one decoder layer saves for backward, for `tokens` tokens (flash attention, no dropout).
 
     Counted from autograd's saved tensors of our megatron layer (tests/unit/test_planner.py):
-    each RMSNorm keeps its input, the normalised input and its output (6d, whole on every
-    tensor rank); attention keeps the QKV projection's output (V is a view of it, d + 2 d_kv),
-    the rotated Q and K (d + d_kv) and its output (d); the SwiGLU MLP keeps the gate|up
-    projection (2f) and three f-wide intermediates (3f).
+    each RMSNorm (torch's) keeps its input and normalised input in fp32 and its output in the
+    layer's dtype ((8 + w) d, whole on every tensor rank); attention keeps the QKV projection's
+    output (V is a view of it, d + 2 d_kv), the rotated Q and K (d + d_kv) and its output (d);
+    the SwiGLU MLP keeps the gate|up projection (2f) and three f-wide intermediates (3f).
     """
     kv = m.kv_heads * (m.d_model // m.n_heads)
-    return tokens * width * (6 * m.d_model + (3 * m.d_model + 3 * kv + 5 * m.ffn_size) / tp)
+    norms = 2 * (8 + width) * m.d_model
+    return tokens * (norms + width * (3 * m.d_model + 3 * kv + 5 * m.ffn_size) / tp)
 
 
-def _state_bytes(params: float, lay: Layout, bf16: bool) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer) bytes of `params` local parameters, as DeepSpeed allocates them.
+def _state_bytes(params: float, lay: Layout) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes of `params` local parameters, as DeepSpeed 0.19.8 allocates them.
 
-    float32 (measured on CPU): weights 4, gradients 4, Adam m and v 8 B/param; ZeRO >= 1 adds a
-    float32 copy of its partition and partitions it with m and v (12 / dp); ZeRO-2 partitions the
-    gradients too. bf16: weights and gradients 2 each, float32 master + m + v (12) partitioned over
-    dp at every stage (DeepSpeed's bf16 optimizer partitions them even at ZeRO-0), plus float32
-    gradients: a whole buffer (4) at ZeRO-0, this rank's partition (4 / dp) at ZeRO-1 and 2.
-    ZeRO-3 partitions the weights too (the whole weights of the modules running are `_gathered_bytes`).
+    float32: weights 4, gradients 4, Adam m and v 8 B/param at ZeRO-0; ZeRO >= 1 adds a float32 copy
+    of its partition and partitions it with m and v (12 / dp); ZeRO-2 partitions the gradients too.
+    bf16 (fp32 gradient accumulation, `parallel.engine.deepspeed_config`): ZeRO-0 is refused.
+    ZeRO-1 is DeepSpeed's BF16_Optimizer: bf16 weights and gradients (2 + 2), a whole fp32 gradient
+    buffer (4) and the fp32 master + m + v partition (12 / dp). ZeRO-2: bf16 weights (2), bf16
+    gradients of the micro-batch (2), the fp32 gradient partition (4 / dp), 12 / dp. ZeRO-3: the
+    same with the weights partitioned too (2 / dp; the whole weights of the modules running are
+    `_gathered_bytes`).
     """
     dp, zero = lay.dp, lay.zero_stage
-    if bf16:
-        fp32_grads = 4 if zero == 0 else 4 / dp
-        grads = (2 / dp if zero >= 2 else 2) + fp32_grads
+    if lay.dtype == "bfloat16":
+        grads = {1: 2 + 4, 2: 2 + 4 / dp, 3: 2 / dp + 4 / dp}[zero]
         return params * (2 / dp if zero == 3 else 2), params * grads, params * 12 / dp
     if zero == 0:
         return params * 4, params * 4, params * 8
@@ -211,15 +246,14 @@ def _loss_bytes(m: ModelConfig, tokens: int, tp: int, width: int, chunk: int) ->
     return stored_grads + logits + hidden + layer_activation_bytes(m, tokens, tp, width)
 
 
-def memory(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int, bf16: bool,
-           parts: list[int]) -> list[Memory]:
+def memory(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int, parts: list[int]) -> list[Memory]:
     """Per-stage memory of one GPU; `parts` are the stage boundaries (topology.stage_parts)."""
-    width = 2 if bf16 else 4
+    width = _width(lay)
     tokens = seq_len * lay.micro_batch
     act_layer = layer_activation_bytes(m, tokens, lay.tp, width)
     out = []
     for stage, params in enumerate(stage_params(m, lay.tp, parts)):
-        weights, grads, optimizer = _state_bytes(params, lay, bf16)
+        weights, grads, optimizer = _state_bytes(params, lay)
         weights += _gathered_bytes(m, lay, width)
         trunk = sum(1 for i in range(parts[stage], parts[stage + 1]) if 1 <= i <= m.trunk_layers)
         in_flight = min(lay.pp - stage, micro_batches)
@@ -241,16 +275,94 @@ def memory(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int, bf16: 
 # ---- time ------------------------------------------------------------------------------
 
 def step_seconds(m: ModelConfig, lay: Layout, seq_len: int, global_batch: int, micro_batches: int,
-                 hw: Hardware, flops_per_token: float) -> tuple[float, float, float]:
-    """(step time, pipeline bubble fraction, model MFU) from FLOPs, the assumed MFU and the bubble."""
+                 hw: Hardware, flops_per_token: float, parts: list[int]) -> tuple[float, float, float, Comm]:
+    """(step time, pipeline bubble fraction, model MFU, communication) of one optimizer step."""
     tokens = global_batch * seq_len
     model_flops = flops_per_token * tokens
     trunk_share = _trunk_flops_share(m, seq_len, flops_per_token)
     work = model_flops * (1 + trunk_share / 3 if lay.recompute else 1)  # one more trunk forward
     compute_s = work / (hw.gpus * hw.gpu_tflops * 1e12 * hw.mfu)
-    bubble = (lay.pp - 1) / (micro_batches + lay.pp - 1)
-    step_s = compute_s / (1 - bubble)
-    return step_s, bubble, model_flops / (step_s * hw.gpus * hw.gpu_tflops * 1e12)
+    comm = communication(m, lay, seq_len, micro_batches, hw, parts)
+    slots = micro_batches + lay.pp - 1
+    per_micro = compute_s / micro_batches + (comm.tensor_s + comm.pipeline_s) / micro_batches
+    comm.data_exposed_s = _exposed(m, lay, hw, parts, compute_s / micro_batches, micro_batches, comm.data_s)
+    step_s = per_micro * slots + comm.data_exposed_s
+    bubble = (lay.pp - 1) / slots
+    return step_s, bubble, model_flops / (step_s * hw.gpus * hw.gpu_tflops * 1e12), comm
+
+
+def _exposed(m: ModelConfig, lay: Layout, hw: Hardware, parts: list[int], compute_per_micro: float,
+             micro_batches: int, data_s: float) -> float:
+    """The data-parallel seconds left on the step after DeepSpeed's overlap with compute.
+
+    overlap_comm (pp=1): ZeRO-2 hides each micro-batch's reduce-scatter behind that micro-batch's
+    backward (2/3 of its compute), ZeRO-3 its gathers and reduce-scatter behind its forward and
+    backward; what does not fit in that window, and every byte of ZeRO-0/1 and of pipelines, stays.
+    """
+    if not hw.overlap or lay.pp > 1 or lay.zero_stage < 2:
+        return data_s
+    per_micro, once = _data_seconds(m, lay, hw, parts)
+    window = compute_per_micro * (2 / 3 if lay.zero_stage == 2 else 1.0)
+    return micro_batches * max(0.0, per_micro - window) + once
+
+
+def _ring(bytes_: float, ranks: int, gbs: float, all_reduce: bool) -> float:
+    """Seconds of a ring all-reduce (or, `all_reduce=False`, a reduce-scatter / all-gather) of `bytes_`."""
+    if ranks <= 1:
+        return 0.0
+    return (2.0 if all_reduce else 1.0) * (ranks - 1) / ranks * bytes_ / (gbs * 1e9)
+
+
+def communication(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int, hw: Hardware,
+                  parts: list[int]) -> Comm:
+    """Bytes every parallel dimension moves in one step, turned into seconds (see the module docstring)."""
+    width = _width(lay)
+    activation = seq_len * lay.micro_batch * m.d_model * width  # [s b, d] of one micro-batch
+    tensor = 0.0
+    pipeline = 0.0
+    if lay.tp > 1:
+        per_stage = []
+        for stage in range(lay.pp):
+            trunk = sum(1 for i in range(parts[stage], parts[stage + 1]) if 1 <= i <= m.trunk_layers)
+            layers = trunk * (6 if lay.recompute else 4)
+            if stage == lay.pp - 1:
+                heads = m.n_future if m.head_type != "linear" else 0
+                layers += 4 * heads + m.n_future * 4 / width  # each head's fp32 gradient of its hidden state
+            if stage == 0:
+                layers += 1  # the vocabulary-parallel embedding
+            per_stage.append(layers)
+        tensor = max(per_stage) * micro_batches * _ring(activation, lay.tp, hw.intra_node_gbs, True)
+    if lay.pp > 1:
+        # neighbours sit tp x dp ranks apart: once the pipeline spans nodes some boundary crosses
+        # between them, and the synchronous schedule runs at that boundary's pace
+        crosses = lay.tp * lay.dp * lay.pp > hw.gpus_per_node
+        bandwidth = hw.inter_node_gbs if crosses else hw.intra_node_gbs
+        pipeline = micro_batches * 2 * activation / (bandwidth * 1e9)
+    per_micro, once = _data_seconds(m, lay, hw, parts)
+    return Comm(tensor, pipeline, micro_batches * per_micro + once)
+
+
+def _data_seconds(m: ModelConfig, lay: Layout, hw: Hardware, parts: list[int]) -> tuple[float, float]:
+    """(per micro-batch, once per step) seconds of the data-parallel traffic of the fullest stage.
+
+    ZeRO-0/1 reduce after the last micro-batch (DeepSpeed's buffered all-reduce, its bf16
+    optimizer's fp32 all-reduce; ZeRO-1 then all-gathers the updated weights). ZeRO-2
+    reduce-scatters every micro-batch's gradients and all-gathers the weights after the step;
+    ZeRO-3 all-gathers the weights for each micro-batch's forward and backward and reduce-scatters
+    its gradients.
+    """
+    if lay.dp == 1:
+        return 0.0, 0.0
+    params = max(stage_params(m, lay.tp, parts))
+    bandwidth = hw.inter_node_gbs if lay.tp * lay.dp > hw.gpus_per_node else hw.intra_node_gbs
+    grads, weights = params * 4, params * _width(lay)  # fp32 gradients, weights in the run's dtype
+    gather = _ring(weights, lay.dp, bandwidth, False)
+    scatter = _ring(grads, lay.dp, bandwidth, False)
+    if lay.zero_stage <= 1:
+        return 0.0, _ring(grads, lay.dp, bandwidth, True) + (gather if lay.zero_stage == 1 else 0.0)
+    if lay.zero_stage == 2:
+        return scatter, gather
+    return 2 * gather + scatter, 0.0
 
 
 def _trunk_flops_share(m: ModelConfig, seq_len: int, flops_per_token: float) -> float:
@@ -280,24 +392,28 @@ def layout_problem(m: ModelConfig, lay: Layout, global_batch: int, hw: Hardware)
         return "sequential heads need pp=1"
     if lay.pp > 1 and lay.zero_stage > 1:
         return f"pp > 1 with ZeRO-{lay.zero_stage} (DeepSpeed pipelines take ZeRO-0/1)"
+    if lay.dtype == "bfloat16" and lay.zero_stage == 0:
+        return "bf16 with ZeRO-0 (fp32 gradient accumulation needs a ZeRO optimizer)"
     if global_batch % (lay.dp * lay.micro_batch):
         return f"global batch {global_batch} is not a multiple of dp x micro-batch = {lay.dp * lay.micro_batch}"
     return None
 
 
-def estimate(m: ModelConfig, lay: Layout, seq_len: int, global_batch: int, bf16: bool, hw: Hardware,
+def estimate(m: ModelConfig, lay: Layout, seq_len: int, global_batch: int, hw: Hardware,
              flops_per_token: float, layers_per_stage: list[int] | None = None) -> Estimate:
     micro_batches = global_batch // (lay.dp * lay.micro_batch)
     parts = stage_parts(m, lay.pp, layers_per_stage)
-    stages = memory(m, lay, seq_len, micro_batches, bf16, parts)
-    step_s, bubble, mfu = step_seconds(m, lay, seq_len, global_batch, micro_batches, hw, flops_per_token)
+    stages = memory(m, lay, seq_len, micro_batches, parts)
+    step_s, bubble, mfu, comm = step_seconds(m, lay, seq_len, global_batch, micro_batches, hw, flops_per_token,
+                                             parts)
     peak = max(range(lay.pp), key=lambda i: stages[i].total)
-    est = Estimate(lay, stages, micro_batches, bubble, step_s, global_batch * seq_len / step_s, mfu, peak_stage=peak)
+    est = Estimate(lay, stages, micro_batches, bubble, step_s, global_batch * seq_len / step_s, mfu, comm,
+                   peak_stage=peak)
     est.fits = est.peak_bytes + hw.reserve_gb * GB <= hw.gpu_memory_gb * GB
     return est
 
 
-def search(m: ModelConfig, seq_len: int, global_batch: int, bf16: bool, hw: Hardware,
+def search(m: ModelConfig, seq_len: int, global_batch: int, dtype: str, hw: Hardware,
            flops_per_token: float) -> tuple[list[Estimate], dict[str, int]]:
     """Every layout that can run, best first, and how many others were ruled out by each reason."""
     found, ruled_out = [], {}
@@ -306,13 +422,13 @@ def search(m: ModelConfig, seq_len: int, global_batch: int, bf16: bool, hw: Hard
             for mb in MICRO_BATCHES:
                 for recompute in (False, True):
                     for zero in ZERO_STAGES:
-                        lay = Layout(tp, pp, hw.gpus // (tp * pp), mb, recompute, zero)
+                        lay = Layout(tp, pp, hw.gpus // (tp * pp), mb, recompute, zero, dtype)
                         problem = layout_problem(m, lay, global_batch, hw)
                         if problem:
                             reason = problem.split(" (")[0] if "spans" in problem else problem
                             ruled_out[reason] = ruled_out.get(reason, 0) + 1
                             continue
-                        found.append(estimate(m, lay, seq_len, global_batch, bf16, hw, flops_per_token))
+                        found.append(estimate(m, lay, seq_len, global_batch, hw, flops_per_token))
     found.sort(key=_rank)
     return found, ruled_out
 

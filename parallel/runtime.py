@@ -147,6 +147,8 @@ def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0
     import torch
     import torch.distributed as dist
 
+    if tp > 1:  # before any CUDA context: megatron's tensor-parallel overlap needs one hardware queue
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     decision = local_decision()
     fix_deepspeed_accelerator(decision.accelerator)
     device = torch.device(decision.device)

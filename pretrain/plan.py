@@ -28,9 +28,16 @@ def register(subparsers, bench_subparsers) -> None:
     p.add_argument("--gpus", type=int, help="GPUs in the job (required unless --measure)")
     p.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GB, e.g. 80 (required unless --measure)")
     p.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one GPU in the run's dtype")
-    p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak the compute reaches outside bubbles")
+    p.add_argument("--mfu", type=float, default=0.55,
+                   help="fraction of peak the computation itself reaches (communication is modelled apart)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays within a node")
     p.add_argument("--reserve-gb", type=float, default=4.0, help="memory kept free per GPU (context, buffers)")
+    p.add_argument("--intra-node-gbs", type=float, default=360.0,
+                   help="NCCL bus bandwidth per GPU inside a node, GB/s (default: H100 SXM, NVLink 4)")
+    p.add_argument("--inter-node-gbs", type=float, default=45.0,
+                   help="bandwidth per GPU across nodes, GB/s (default: one 400 Gb/s InfiniBand NIC per GPU)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="charge every data-parallel byte to the step (no overlap with the backward pass)")
     p.add_argument("--top", type=int, default=10, help="layouts to list")
     p.add_argument("--measure", action="store_true",
                    help="run real steps here and compare each rank's peak memory with the prediction")
@@ -52,7 +59,9 @@ def run(args) -> int:
         raise UserError("mtp plan needs --gpus N and --gpu-memory-gb GB (or --measure to check the model here)")
     checks = [(args.gpus >= 1, "--gpus must be >= 1"), (args.gpu_memory_gb > 0, "--gpu-memory-gb must be > 0"),
               (args.gpu_tflops > 0, "--gpu-tflops must be > 0"), (0 < args.mfu <= 1, "--mfu must be in (0, 1]"),
-              (args.gpus_per_node >= 1, "--gpus-per-node must be >= 1"), (args.top >= 1, "--top must be >= 1")]
+              (args.gpus_per_node >= 1, "--gpus-per-node must be >= 1"), (args.top >= 1, "--top must be >= 1"),
+              (args.reserve_gb >= 0, "--reserve-gb must be >= 0"),
+              (args.intra_node_gbs > 0 and args.inter_node_gbs > 0, "--intra-node-gbs and --inter-node-gbs must be > 0")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -77,11 +86,11 @@ def plan(cfg, args) -> dict:
     from parallel.planner import Hardware, Layout, estimate, search, total_params
     from pretrain.model.counting import flops_per_token
 
-    hw = Hardware(args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu, args.gpus_per_node, args.reserve_gb)
+    hw = Hardware(args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu, args.gpus_per_node, args.reserve_gb,
+                  args.intra_node_gbs, args.inter_node_gbs, overlap=not args.no_overlap)
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    bf16 = p.dtype == "bfloat16"
     fpt = flops_per_token(m, t.seq_len)
-    found, ruled_out = search(m, t.seq_len, t.global_batch_size, bf16, hw, fpt)
+    found, ruled_out = search(m, t.seq_len, t.global_batch_size, p.dtype, hw, fpt)
     fitting = [e for e in found if e.fits]
     shapes = _best_per_shape(fitting)
     result = {
@@ -97,9 +106,9 @@ def plan(cfg, args) -> dict:
         result["breakdown"] = _breakdown(fitting[0])
     dp = args.gpus // (p.tp * p.pp) if args.gpus % (p.tp * p.pp) == 0 else 0
     if dp:
-        own = Layout(p.tp, p.pp, dp, t.micro_batch_size, p.recompute, p.zero_stage)
+        own = Layout(p.tp, p.pp, dp, t.micro_batch_size, p.recompute, p.zero_stage, p.dtype)
         try:
-            result["config_layout"] = _row(estimate(m, own, t.seq_len, t.global_batch_size, bf16, hw, fpt), hw)
+            result["config_layout"] = _row(estimate(m, own, t.seq_len, t.global_batch_size, hw, fpt), hw)
         except (UserError, ZeroDivisionError):
             pass
     return result
@@ -124,6 +133,8 @@ def _row(est, hw) -> dict:
         "largest": est.stages[est.peak_stage].largest(), "fits": est.fits, "bubble": est.bubble,
         "micro_batches": est.micro_batches, "step_s": est.step_s, "tokens_per_s": est.tokens_per_s,
         "days_per_100b": est.days_per(TOKENS_100B), "mfu": est.model_mfu,
+        "comm_s": {"tensor": est.comm.tensor_s, "pipeline": est.comm.pipeline_s, "data": est.comm.data_s,
+                   "data_exposed": est.comm.data_exposed_s},
     }
 
 
@@ -144,12 +155,14 @@ def _layout_text(row: dict) -> str:
 
 def _table(rows: list[dict]) -> list[str]:
     head = f"{'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'recomp':>6} {'zero':>4} {'GB/GPU':>7} {'bubble':>7} " \
-           f"{'step s':>7} {'tokens/s':>10} {'days/100B':>9} {'MFU':>5}"
-    lines = [head]
+           f"{'comm s':>15} {'step s':>7} {'tokens/s':>10} {'days/100B':>9} {'MFU':>5}"
+    lines = [head, f"{'(tensor/pipe/data)':>76}"]
     for r in rows:
         recompute = "yes" if r["recompute"] else "no"
+        c = r["comm_s"]
+        comm = f"{c['tensor']:.2f}/{c['pipeline']:.2f}/{c['data_exposed']:.2f}"
         lines.append(f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['micro_batch']:>3} {recompute:>6} "
-                     f"{r['zero_stage']:>4} {r['memory_gb']:>7.1f} {r['bubble']:>6.1%} {r['step_s']:>7.2f} "
+                     f"{r['zero_stage']:>4} {r['memory_gb']:>7.1f} {r['bubble']:>6.1%} {comm:>15} {r['step_s']:>7.2f} "
                      f"{r['tokens_per_s']:>10,.0f} {r['days_per_100b']:>9.2f} {r['mfu']:>5.2f}")
     return lines
 
@@ -161,7 +174,8 @@ def render(result: dict) -> str:
         f"({result['trunk_layers']} trunk layers), seq {result['seq_len']}, {result['global_batch']} sequences/step, "
         f"{result['dtype']}",
         f"{hw['gpus']} GPUs x {hw['gpu_memory_gb']:g} GB ({hw['reserve_gb']:g} GB kept free), "
-        f"{hw['gpu_tflops']:g} TFLOP/s peak, assumed MFU {hw['mfu']:g} outside pipeline bubbles",
+        f"{hw['gpu_tflops']:g} TFLOP/s peak, computation at {hw['mfu']:g} of it; NVLink {hw['intra_node_gbs']:g} GB/s, "
+        f"InfiniBand {hw['inter_node_gbs']:g} GB/s per GPU, data-parallel overlap {'on' if hw['overlap'] else 'off'}",
         "",
     ]
     if not result["best"]:
@@ -237,7 +251,7 @@ def measure(cfg, steps: int, as_json: bool) -> int:
     lay = Layout(p.tp, p.pp, place.dp_size, t.micro_batch_size, p.recompute, p.zero_stage, p.dtype)
     micro = t.global_batch_size // (place.dp_size * t.micro_batch_size)
     parts = stage_parts(cfg.model, p.pp)
-    predicted = memory(cfg.model, lay, t.seq_len, micro, False, parts)[place.pp_rank]
+    predicted = memory(cfg.model, lay, t.seq_len, micro, parts)[place.pp_rank]
     row = {"rank": place.rank, "stage": place.pp_rank, "tp_rank": place.tp_rank, "dp_rank": place.dp_rank,
            "predicted_mb": predicted.total / 2**20, "measured_mb": measured / 2**20}
     rows = [None] * place.world_size

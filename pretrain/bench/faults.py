@@ -16,7 +16,6 @@ an undisturbed reference run of the same command:
 `--out docs/reliability.md` writes the report the docs hold.
 """
 
-import argparse
 import dataclasses
 import json
 import os

@@ -5,18 +5,17 @@
 logs the same size. `flops_per_token` is the model-FLOPs numerator of MFU.
 """
 
-import torch
-from megatron.core import parallel_state
-
 from pretrain.model.config import ModelConfig
 
 
-def _global_numel(module: torch.nn.Module) -> int:
+def _global_numel(module) -> int:
+    from megatron.core import parallel_state  # here: `mtp plan` counts FLOPs without torch
+
     tp = parallel_state.get_tensor_model_parallel_world_size()
     return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in module.parameters())
 
 
-def param_counts(model: torch.nn.Module) -> dict[str, int]:
+def param_counts(model) -> dict[str, int]:
     """Parameters by part: embedding, trunk, heads, unembedding (final norm + output), total.
 
     The vocabulary parts count the padded vocabulary, as stored.

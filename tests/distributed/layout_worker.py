@@ -50,8 +50,8 @@ def zero_settings(settings: dict) -> None:
 
     build = parallel.engine.deepspeed_config
 
-    def with_settings(cfg, dp_size: int) -> dict:
-        config = build(cfg, dp_size)
+    def with_settings(cfg, dp_size: int, pipelined: bool) -> dict:
+        config = build(cfg, dp_size, pipelined)
         config["zero_optimization"].update(settings)
         return config
 

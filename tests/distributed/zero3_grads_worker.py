@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from layout_worker import zero_settings
 
 IGNORE_INDEX = -100
@@ -39,17 +38,19 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def main(out: str, overrides: list[str]) -> None:
-    from deepspeed.utils import safe_get_full_grad
-
-    from parallel.engine import build_engine, build_model, init_distributed
+    from parallel.engine import build_engine, build_model
+    from parallel.runtime import start
     from pretrain.config import load_config
 
     cfg = load_config("configs/tiny-cpu.yaml", [*overrides, "parallel.zero_stage=3"])
-    place = init_distributed(cfg)
-    plain = build_model(cfg, place)
-    model = build_model(cfg, place)
+    runtime = start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dtype, cfg.fault.collective_timeout_s)
+    place = runtime.place
+    plain = build_model(cfg, runtime)
+    model = build_model(cfg, runtime)
     zero_settings({"stage3_param_persistence_threshold": 0})
-    engine = build_engine(model, cfg, place)
+    engine = build_engine(model, cfg, runtime)
+    from deepspeed.utils import safe_get_full_grad  # after the runtime fixed DeepSpeed's accelerator
+
     partitioned = all(p.numel() == 0 for p in model.parameters())
 
     rows = cfg.train.micro_batch_size

@@ -140,7 +140,7 @@ class SlurmCluster:
     # ---- life cycle -----------------------------------------------------------
 
     @classmethod
-    def start(cls, timeout: float = 90) -> "SlurmCluster":
+    def start(cls, timeout: float = 90) -> SlurmCluster:
         """Write the files, start the three daemons, return once the node takes jobs."""
         root = Path(tempfile.mkdtemp(prefix="mtp-slurm-", dir="/tmp"))  # short: munge's socket path is limited
         root.chmod(0o755)

@@ -4,7 +4,7 @@ import json
 
 from tests.integration.conftest import run_mtp
 
-TINY = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=4",
+TINY = ["model.d_model=64", "model.n_layers=5", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=4",
         "model.vocab_size=258", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4"]
 
 

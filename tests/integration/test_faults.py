@@ -65,7 +65,7 @@ def test_zero_stage_0_skips_nan_steps_exactly(small_corpus, tmp_path):
     """Our own gradient clipping (ZeRO-0, float32) drops a NaN step like DeepSpeed's ZeRO optimizers do."""
     run_dir = tmp_path / "nan-zero0"
     env = mtp_env(MTP_FAULT="nan@3-4")
-    run_mtp("train", "--config", "configs/tiny-cpu.yaml", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+    run_mtp("train", "--config", "configs/tiny-cpu.yaml", "model.d_model=64", "model.n_layers=3", "model.n_heads=4",
             "model.max_seq_len=64", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
             "train.max_steps=6", "train.eval_interval=0", "schedule.warmup_steps=2", "checkpoint.interval=2", "checkpoint.keep=5",
             "tracking.enabled=false", "parallel.zero_stage=0", f"data.dir={small_corpus}", f"run.dir={run_dir}",

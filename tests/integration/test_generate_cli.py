@@ -10,7 +10,7 @@ from pretrain.inference.prompts import heldout_function_prompt
 from tests.integration.conftest import run_mtp
 
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=3",
+    "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=3",
     "model.loss_chunk_tokens=48", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=4",
     "train.max_steps=4", "train.eval_interval=100", "train.log_interval=2", "checkpoint.interval=4",
     "schedule.warmup_steps=1", "optimizer.lr=3e-3", "tracking.enabled=false",

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from tests.integration.conftest import MTP, REPO, mtp_env, run_mtp
 
 TINY = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=4",
+    "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64", "model.n_future=4",
     "model.loss_chunk_tokens=48", "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
     "train.max_steps=20", "train.eval_interval=10", "train.eval_steps=2", "train.log_interval=5",
     "checkpoint.interval=5", "checkpoint.keep=3", "schedule.warmup_steps=2", "optimizer.lr=3e-3",

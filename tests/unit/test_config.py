@@ -21,7 +21,7 @@ from pretrain.errors import UserError
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # A world size that fits each shipped config's layout (documented in its comments).
-SHIPPED = {"tiny-cpu": 1, "125m": 8, "1b": 16, "7b": 64, "13b": 128}
+SHIPPED = {"tiny-cpu": 1, "125m": 8, "1b": 16, "7b": 64, "13b": 64}
 
 
 def test_every_shipped_config_is_tested():
@@ -46,6 +46,20 @@ def test_paper_scale_configs_follow_the_paper():
         assert (cfg.train.seq_len, m.n_future, cfg.parallel.dtype) == (4096, 4, "bfloat16")
         assert 7.5e6 < cfg.train.seq_len * cfg.train.global_batch_size < 9e6
     assert load_config(str(CONFIGS / "7b.yaml"), []).optimizer.lr == 3e-4
+
+
+@pytest.mark.parametrize("name, layers, trunk, params", [("7b", 32, 28, 6.74e9), ("13b", 40, 36, 13.0e9)])
+@pytest.mark.parametrize("n_future", [4, 1])
+def test_paper_scale_configs_build_with_the_papers_layer_and_parameter_counts(name, layers, trunk, params, n_future):
+    """Built on the meta device (shapes only): the n=4 model and its n=1 baseline, 32 / 40 layers in all."""
+    from pretrain.model.counting import param_counts
+    from pretrain.model.mtp import MTPModel
+
+    cfg = load_config(str(CONFIGS / f"{name}.yaml"), [f"model.n_future={n_future}"])
+    model = MTPModel(cfg.model, device="meta")
+    assert len(model.layers) == (trunk if n_future == 4 else layers - 1)
+    assert len(model.layers) + len(model.heads.layers) == layers
+    assert param_counts(model)["total"] == pytest.approx(params, rel=0.01)
 
 
 def test_tiny_config_runs_on_cpu_with_one_or_two_ranks():
