@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import sys
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
@@ -90,24 +91,29 @@ def _zero_config(stage: int, pipelined: bool) -> dict:
     }
 
 
-def build_model(cfg: RunConfig, runtime: Runtime) -> torch.nn.Module:
+def build_model(cfg: RunConfig, runtime: Runtime, pretrained: Mapping[str, torch.Tensor] | None = None
+                ) -> torch.nn.Module:
     """The model of `cfg` for this rank: MTPModel when pp=1, this rank's MTPPipeline stage otherwise.
 
     Weights are created on the runtime's device in its dtype and drawn from
-    `train.seed` by parameter name, so every layout starts from the same model.
+    `train.seed` by parameter name, so every layout starts from the same
+    model; `pretrained` logical tensors (a fresh run's `model.init_from`)
+    take the place of the draw for the names they hold.
     """
     p = cfg.parallel
     if p.pp == 1:
         from pretrain.model.mtp import MTPModel
 
-        model = MTPModel(cfg.model, params_dtype=runtime.dtype, device=runtime.device, seed=cfg.train.seed)
+        model = MTPModel(cfg.model, params_dtype=runtime.dtype, device=runtime.device, seed=cfg.train.seed,
+                         pretrained=pretrained)
         if p.recompute:
             recompute_trunk(model)
         return model
     from parallel.pipeline import MTPPipeline
 
     return MTPPipeline(cfg.model, deepspeed_topology(p.tp, p.pp, runtime.place.dp_size), runtime.dtype,
-                       runtime.device, cfg.train.seed, recompute=p.recompute, layers_per_stage=p.layers_per_stage)
+                       runtime.device, cfg.train.seed, recompute=p.recompute, layers_per_stage=p.layers_per_stage,
+                       pretrained=pretrained)
 
 
 def recompute_trunk(model: torch.nn.Module) -> None:
@@ -223,9 +229,13 @@ class GradClip:
                     p.grad.mul_(factor)
 
 
-def grad_norm(engine) -> float:
-    """Global gradient norm (before clipping) of the step just taken."""
+def grad_norm(engine) -> float | torch.Tensor:
+    """Global gradient norm (before clipping) of the step just taken, as the optimizer keeps it.
+
+    DeepSpeed's bf16 optimizer keeps a device tensor: it is left unread here
+    (reading it is a host synchronisation) until the step is logged.
+    """
     if engine.mtp_clip is not None:
         return engine.mtp_clip.value
     value = engine.get_global_grad_norm()
-    return float(value) if value is not None else float("nan")
+    return value if value is not None else float("nan")

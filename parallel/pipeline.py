@@ -2,16 +2,21 @@
 
 Pipeline layers, in order (`parallel.topology.stage_parts` splits them):
 
-    0          EmbeddingStage     input_ids [b, s] -> hidden [s, b, d]        always on stage 0
-    1 .. L     TrunkLayerStage    hidden [s, b, d] -> hidden [s, b, d]        one megatron TransformerLayer each
-    L + 1      HeadsStage         z [s, b, d] -> z (identity)                 always on the last stage
+    0          EmbeddingStage     (input_ids [b, s], labels) -> (hidden [s, b, d], labels)   always on stage 0
+    1 .. L     TrunkLayerStage    (hidden, labels) -> (hidden [s, b, d], labels)            one TransformerLayer each
+    L + 1      HeadsStage         (z [s, b, d], labels [b, n, s]) -> loss []                always on the last stage
 
-DeepSpeed hands the last stage's output and the batch's labels to the
-module's `loss_fn`, here `MTPPipeline._head_loss`: MTPModel's own
+The last stage computes the loss in its forward: MTPModel's own
 `head_loss` (the per-head forward/backward schedule with the fused,
-vocab-parallel cross-entropy) run on the HeadsStage. Batches are
-`(input_ids, labels)` tuples: DeepSpeed gives input_ids to stage 0 and labels
-to the last stage, so only those two stages read data.
+vocab-parallel cross-entropy), so the labels travel with the activations
+(a few KB per micro-batch beside megabytes of hidden states) and the
+module's output is the loss. That is deliberate: DeepSpeed prepares the
+backward (its bf16 optimizer clears the low-precision gradients) when the
+backward reaches the module's output; were the heads' loss a `loss_fn`
+applied after the module, their gradients would land before that moment
+and be wiped, and the heads would never train under bf16. Batches are
+`((input_ids, labels), labels)`: DeepSpeed gives the first part to stage 0
+and the second to the last stage's `loss_fn`, which passes the loss on.
 
 Weights: each rank builds only its own stage's modules and initialises them
 by MTPModel name (`pretrain.model.init`), so a pipeline starts from the same
@@ -21,6 +26,7 @@ makes layouts comparable step for step.
 
 import contextlib
 import sys
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -45,8 +51,9 @@ class EmbeddingStage(torch.nn.Module):
         super().__init__()
         self.embedding = TokenEmbedding(tcfg, padded_vocab)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids.t())  # [b, s] -> [s, b, d]
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, labels = inputs
+        return self.embedding(input_ids.t()), labels  # [b, s] -> [s, b, d]
 
 
 class TrunkLayerStage(torch.nn.Module):
@@ -59,17 +66,20 @@ class TrunkLayerStage(torch.nn.Module):
         self.theta = cfg.rope_theta
         self.angle_dtype = torch.float64 if params_dtype == torch.float64 else torch.float32
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, labels = inputs
         rotary = rotary_angles(hidden.shape[0], self.head_dim, self.theta, hidden.device, dtype=self.angle_dtype)
         out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
-        return out  # [s, b, d]
+        return out, labels  # [s, b, d]
 
 
 class HeadsStage(torch.nn.Module):
-    """The n heads and the shared unembedding; the loss runs MTPModel's `head_loss` on them.
+    """The n heads and the shared unembedding; its forward is MTPModel's `head_loss` on them.
 
     MTPModel's methods are borrowed rather than copied, so the pipeline's last
-    stage computes exactly what a one-process model computes.
+    stage computes exactly what a one-process model computes. `step` (set by
+    MTPPipeline) picks the head loss scales; every micro-batch's per-head
+    losses are summed for logging (`reduce_head_losses`).
     """
 
     head_stack = MTPModel.head_stack
@@ -83,9 +93,17 @@ class HeadsStage(torch.nn.Module):
         self.params_dtype = params_dtype
         self.heads = build_heads(cfg, tcfg)
         self.unembedding = Unembedding(tcfg, padded_vocab, cfg.vocab_size)
+        self.step = 0
+        self.micro_batches = 0
+        self.sums: torch.Tensor | None = None  # [1 + n]: loss, head losses summed over micro-batches
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z  # the loss_fn does the work: it needs the labels
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        z, labels = inputs
+        loss, head_losses = self.head_loss(z, labels, self.step)
+        values = torch.cat([loss.detach().reshape(1), head_losses.detach()]).float()  # [1 + n]
+        self.sums = values if self.sums is None else self.sums + values
+        self.micro_batches += 1
+        return loss
 
 
 def _stage_layers(cfg: ModelConfig, parts: list[int], stage: int, tcfg, params_dtype: torch.dtype,
@@ -111,13 +129,12 @@ def _stage_layers(cfg: ModelConfig, parts: list[int], stage: int, tcfg, params_d
 class MTPPipeline(PipelineModule):
     """PipelineModule over the MTP model with our stage split and the per-head loss on the last stage.
 
-    `step` (set by the trainer before each batch) picks the head loss scales;
-    the last stage sums every micro-batch's per-head losses for logging
-    (`reduce_head_losses`).
+    `step` (set by the trainer before each batch) picks the head loss scales.
     """
 
     def __init__(self, cfg: ModelConfig, topology, params_dtype: torch.dtype, device: torch.device,
-                 seed: int, recompute: bool = False, layers_per_stage: list[int] | None = None):
+                 seed: int, recompute: bool = False, layers_per_stage: list[int] | None = None,
+                 pretrained: Mapping[str, torch.Tensor] | None = None):
         pp = topology.get_dim("pipe")
         parts = stage_parts(cfg, pp, layers_per_stage)
         stage = topology.get_coord(dist.get_rank()).pipe
@@ -132,12 +149,25 @@ class MTPPipeline(PipelineModule):
                 checkpointable_layers=[TrunkLayerStage.__name__],
             )
         self.cfg = cfg
-        initialize(((name, p) for _, name, p in named_global_parameters(self)), cfg, seed, residual_depth(cfg))
-        self.step = 0
-        self.micro_batches = 0
-        self.sums: torch.Tensor | None = None  # [1 + n]: loss, head losses summed over micro-batches
-        if self.stage_id == pp - 1:
-            self.loss_fn = self._head_loss
+        initialize(((name, p) for _, name, p in named_global_parameters(self)), cfg, seed, residual_depth(cfg),
+                   pretrained)
+        if self.heads_stage is not None:
+            self.loss_fn = _pass_loss
+
+    @property
+    def heads_stage(self) -> HeadsStage | None:
+        """The last stage's HeadsStage module (None on other stages)."""
+        last = self.forward_funcs[-1] if self.forward_funcs else None
+        return last if isinstance(last, HeadsStage) else None
+
+    @property
+    def step(self) -> int:
+        return self.heads_stage.step if self.heads_stage is not None else 0
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if self.heads_stage is not None:
+            self.heads_stage.step = value
 
     def _partition_layers(self, method: str = "uniform") -> None:
         """DeepSpeed's hook for the split; ours weighs the head block as n layers (topology.stage_parts)."""
@@ -145,12 +175,11 @@ class MTPPipeline(PipelineModule):
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
-    def _head_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss, head_losses = self.forward_funcs[-1].head_loss(z, labels, self.step)
-        values = torch.cat([loss.detach().reshape(1), head_losses.detach()]).float()  # [1 + n]
-        self.sums = values if self.sums is None else self.sums + values
-        self.micro_batches += 1
-        return loss
+
+
+def _pass_loss(loss: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+    """The last stage's output already is the loss (see the module docstring)."""
+    return loss
 
 
 def reduce_head_losses(pipe: MTPPipeline, dp_size: int, device: torch.device) -> torch.Tensor:
@@ -161,9 +190,11 @@ def reduce_head_losses(pipe: MTPPipeline, dp_size: int, device: torch.device) ->
     stays on `device`: reading it is the caller's one host synchronisation.
     """
     values = torch.zeros(1 + pipe.cfg.n_future, device=device)
-    if pipe.sums is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-        values = pipe.sums / pipe.micro_batches
-    pipe.sums, pipe.micro_batches = None, 0
+    heads = pipe.heads_stage
+    if heads is not None and heads.sums is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        values = heads.sums / heads.micro_batches
+    if heads is not None:
+        heads.sums, heads.micro_batches = None, 0
     dist.all_reduce(values)
     return values / dp_size
 

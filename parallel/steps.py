@@ -23,6 +23,7 @@ DeepSpeed's gradient reduction and its step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class StepResult:
 
     loss: torch.Tensor  # [] weighted total the optimizer saw, mean over the global batch
     head_losses: torch.Tensor  # [n] unscaled per-head means; head 1 is the next-token loss
-    grad_norm: float  # before clipping; NaN/inf when the step was skipped
+    grad_norm: float | torch.Tensor  # before clipping; NaN/inf when the step was skipped
     skipped: bool  # the optimizer step was skipped (NaN/inf gradient norm)
 
 
@@ -52,10 +53,11 @@ class Steps:
         self.engine = engine
 
     @staticmethod
-    def open(cfg: RunConfig, runtime: Runtime) -> Steps:
+    def open(cfg: RunConfig, runtime: Runtime, pretrained: Mapping[str, torch.Tensor] | None = None) -> Steps:
+        """The model (seeded, or `pretrained` logical tensors where given) under the layout's engine."""
         from parallel.engine import build_engine, build_model
 
-        model = build_model(cfg, runtime)
+        model = build_model(cfg, runtime, pretrained)
         engine = build_engine(model, cfg, runtime)
         cls = PipelineSteps if cfg.parallel.pp > 1 else EngineSteps
         return cls(cfg, runtime, model, engine)
@@ -68,7 +70,7 @@ class Steps:
     def skipped_steps(self) -> int:
         return self.engine.skipped_steps
 
-    def grad_norm(self) -> float:
+    def grad_norm(self) -> float | torch.Tensor:
         from parallel.engine import grad_norm
 
         return grad_norm(self.engine)
@@ -167,7 +169,7 @@ def _dp_mean(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
 
 
 def _pairs(batches, runtime: Runtime):
-    """Loader dicts as the (inputs, labels) tuples DeepSpeed's pipeline engine reads."""
+    """Loader dicts as the ((input_ids, labels), labels) DeepSpeed's pipeline engine reads (parallel/pipeline.py)."""
     for batch in batches:
         batch = runtime.to_device(batch)
-        yield batch["input_ids"], batch["labels"]
+        yield (batch["input_ids"], batch["labels"]), batch["labels"]

@@ -30,7 +30,7 @@ class PendingStep:
     loss: torch.Tensor  # []
     head_losses: torch.Tensor  # [n]
     lr: float
-    grad_norm: float
+    grad_norm: float | torch.Tensor  # read with the losses, in `RunOutputs.flush`
     tokens_per_s: float
     mfu: float | None
     eta_s: float
@@ -81,8 +81,9 @@ class RunOutputs:
             return self.last
         values = torch.stack([torch.cat([p.loss.reshape(1), p.head_losses]) for p in self.pending]).tolist()
         for pending, row in zip(self.pending, values):
-            self.last = StepMetrics(pending.step, pending.tokens, row[0], row[1:], pending.lr, pending.grad_norm,
-                                    pending.tokens_per_s, mfu=pending.mfu, extra=pending.extra)
+            self.last = StepMetrics(pending.step, pending.tokens, row[0], row[1:], pending.lr,
+                                    float(pending.grad_norm), pending.tokens_per_s, mfu=pending.mfu,
+                                    extra=pending.extra)
             self._write(self.last, pending.eta_s)
         self.pending.clear()
         return self.last

@@ -39,12 +39,13 @@ class Trainer:
         self.runtime = runtime
         self.place = runtime.place
         self.tokenizer = load_tokenizer(cfg.data.dir)
+        self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
+        self.found = self._newest_checkpoint()  # decided before the model: a fresh run may start pretrained
         self.steps = Steps.open(cfg, runtime)
         self.faults = _fault_injector(self.place.rank)
         self.faults.poison(self.steps.model, lambda: self.step + 1)
         # Pipeline stages between the first and the last never see a batch.
         self.loader = self._loader("train") if self.place.feeds_data else None
-        self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
         self.stop = StopFlag(runtime.control_group)
         self.step = 0
         self.tokens = 0
@@ -69,13 +70,17 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------
 
-    def resume(self) -> None:
-        """Continue from the newest complete checkpoint, chosen on rank 0 for everyone."""
+    def _newest_checkpoint(self) -> tuple[str, dict] | None:
+        """(path, extra) of the newest complete checkpoint, chosen on rank 0 for everyone; None: a fresh run."""
         found = [self.store.latest() if self.is_main else None]
         dist.broadcast_object_list(found, src=0)
-        if found[0] is None:
+        return found[0]
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if there is one."""
+        if self.found is None:
             return
-        path, extra = found[0]
+        path, extra = self.found
         self._check_same_model(extra)
         saved, here = extra.get("layout"), layout_record(self.cfg, self.place)
         reshard = saved is not None and saved != here

@@ -18,7 +18,7 @@ depends on the layout.
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -44,8 +44,17 @@ def logical_init(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int,
 
 
 @torch.no_grad()
-def initialize(named: Iterable[tuple[str, torch.nn.Parameter]], cfg: ModelConfig, seed: int, depth: int) -> None:
-    """Fill every (MTPModel name, local parameter) with this rank's slice of its logical initial value."""
+def initialize(named: Iterable[tuple[str, torch.nn.Parameter]], cfg: ModelConfig, seed: int, depth: int,
+               pretrained: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Fill every (MTPModel name, local parameter) with this rank's slice of its logical initial value.
+
+    `pretrained` (logical tensors by name, e.g. a Hugging Face Llama's:
+    `pretrain.hf.load.pretrained_state`) gives the value of every name it
+    holds; the others are drawn from the seed.
+    """
     for name, param in named:
-        whole = logical_init(cfg, name, logical_shape(name, param, cfg.vocab_size), seed, depth)
+        if pretrained is not None and name in pretrained:
+            whole = pretrained[name]
+        else:
+            whole = logical_init(cfg, name, logical_shape(name, param, cfg.vocab_size), seed, depth)
         param.copy_(local_slice(name, whole, param))

@@ -8,6 +8,7 @@ megatron.
 """
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from megatron.core import parallel_state
@@ -54,11 +55,14 @@ class MTPModel(torch.nn.Module):
     `params_dtype` on `device` (float32 or bfloat16 for training, float64
     for gradient checks; "meta" to count parameters without memory), drawn
     from `seed` by `pretrain.model.init`, the same under every layout;
-    `seed=None` leaves them unset for a caller that loads weights next.
+    `seed=None` leaves them unset for a caller that loads weights next;
+    `pretrained` (logical tensors by name) replaces the seed's draw for every
+    name it holds.
     """
 
     def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", seed: int | None = 0):
+                 device: torch.device | str = "cpu", seed: int | None = 0,
+                 pretrained: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise UserError("model.vocab_size is not set; prepare the data first or set model.vocab_size")
@@ -77,7 +81,7 @@ class MTPModel(torch.nn.Module):
         # megatron's torch norms are created on the CPU in float32 whatever the other weights are
         self.to(device=device, dtype=params_dtype)
         if seed is not None and device.type != "meta":
-            initialize(self.named_parameters(), cfg, seed, residual_depth(cfg))
+            initialize(self.named_parameters(), cfg, seed, residual_depth(cfg), pretrained)
 
     def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """Rotary angles [s, 1, 1, head_dim] for positions 0 .. seq_len - 1."""
