@@ -30,9 +30,9 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-from deepspeed.pipe import LayerSpec, PipelineModule
 from megatron.core import parallel_state
 
+from parallel.deepspeed_pipe import LayerSpec, PipelineModule
 from parallel.topology import stage_parts
 from pretrain.model.config import ModelConfig
 from pretrain.model.heads import build_heads

@@ -168,6 +168,14 @@ def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0
     return Runtime(device, decision.backend, torch_dtype(dtype), place, control)
 
 
+def export_deepspeed_accelerator() -> None:
+    """For tools that use DeepSpeed's code without starting a runtime (export, generation, resharding):
+    export this process's decision as DS_ACCELERATOR before DeepSpeed's first import, so it needs no
+    guess (and prints no warning on stdout, where `--json` output goes)."""
+    if "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = local_decision().accelerator
+
+
 def fix_deepspeed_accelerator(name: str) -> None:
     """Export DS_ACCELERATOR before DeepSpeed is imported; refuse if it was imported with another one."""
     os.environ["DS_ACCELERATOR"] = name

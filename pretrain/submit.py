@@ -69,14 +69,14 @@ def _min_nodes(args) -> int:
 def _validate_every_size(cfg: RunConfig, args) -> None:
     """The layout must work for every node count an elastic job may shrink to.
 
-    `cuda=True`: the login node's devices say nothing about the compute
-    nodes'; the job checks bfloat16 against its own GPUs when it starts.
+    Device questions wait for the job: the login node's devices say nothing
+    about the compute nodes' (each rank decides at start, parallel/runtime.py).
     """
-    validate(cfg, args.nodes * _nproc(args), cuda=True)
+    validate(cfg, args.nodes * _nproc(args))
     for nodes in range(_min_nodes(args), args.nodes):
         world = nodes * _nproc(args)
         try:
-            validate(cfg, world, cuda=True)
+            validate(cfg, world)
         except UserError as err:
             raise UserError(f"with {nodes} of {args.nodes} nodes ({world} processes), which --min-nodes "
                             f"allows: {err}") from None

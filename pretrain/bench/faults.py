@@ -157,6 +157,9 @@ def run(args) -> int:
     if not (Path(args.data) / "manifest.json").is_file():
         raise UserError(f"{args.data} holds no prepared data; run `mtp prepare --source stdlib --tokenizer byte "
                         f"--out {args.data}` first, or pass --data DIR")
+    from parallel.runtime import export_deepspeed_accelerator
+
+    export_deepspeed_accelerator()  # reading DeepSpeed's checkpoint files imports it: no guess, no stdout warning
     root = Path(args.workdir or tempfile.mkdtemp(prefix="mtp-faults-"))
     try:
         results = drill_all(Runner(root, str(Path(args.data).resolve()), args.nproc), chosen)
