@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup system-deps test lint demo clean-venv
+.PHONY: setup system-deps test lint demo gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -63,6 +63,16 @@ demo: setup
 	cmp $(DEMO_RUN)/plain.txt $(DEMO_RUN)/speculative.txt && echo "== speculative greedy output is identical to plain greedy decoding =="
 	OMP_NUM_THREADS=1 $(BIN)/mtp bench speculative --model $(DEMO_RUN)/model.safetensors --prompts 4 \
 		--prompt-tokens 128 --new-tokens 128 --batch-sizes 1
+
+# One GPU, one command, under 9 minutes: tests/gpu, step speed and MFU, loss memory, speculative decoding
+# (pretrain/bench/gpu_check.py); the report lands in runs/gpu-check/gpu-check.md (docs/benchmarks.md).
+# Where pip can reach PyPI, `make setup` installs the CUDA build of the pinned torch. On a machine with
+# a CUDA torch already and no network, GPU_WHEELS=DIR names a folder of wheels for what is missing
+# (deepspeed, megatron-core, ...: `pip download` them elsewhere) and a venv over the system packages is used.
+GPU_WHEELS ?=
+GPU_VENV := .venv-gpu
+gpu-check:
+	@if [ -n "$(GPU_WHEELS)" ]; then 		test -x $(GPU_VENV)/bin/python || $(PY) -m venv --system-site-packages $(GPU_VENV); 		$(GPU_VENV)/bin/pip install -q --no-index --find-links $(GPU_WHEELS) --no-build-isolation --no-deps -e . && 		$(GPU_VENV)/bin/pip install -q --no-index --find-links $(GPU_WHEELS) $$(ls $(GPU_WHEELS)) ; 		$(GPU_VENV)/bin/python -m pretrain.cli bench gpu-check --out runs/gpu-check; 	else 		$(MAKE) setup && $(BIN)/python -m pretrain.cli bench gpu-check --out runs/gpu-check; 	fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from parallel.kernels import resolve as resolve_kernels
 from parallel.topology import Place, place_of
 from pretrain.errors import UserError
 
@@ -90,6 +91,7 @@ class Runtime:
     dtype: torch.dtype  # parameters and activations; master weights and gradients are fp32 under bf16
     place: Place
     control_group: Any  # a gloo group for host-side agreements (stop signals) that must not sync the GPU
+    kernels: str = "torch"  # the kernel set the layers are built with (parallel/kernels.py)
 
     @property
     def is_main(self) -> bool:
@@ -115,12 +117,38 @@ class Runtime:
             return batch
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def peak_memory_bytes(self) -> int | None:
+        """Peak memory since the last call, and start a new window: allocated on a GPU, resident on a CPU.
+
+        On a GPU, torch's allocator peak (`max_memory_allocated`); on a Linux
+        CPU, the process's resident high-water mark (VmHWM), reset through
+        /proc/self/clear_refs. None where neither can be read.
+        """
+        import torch
+
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        return _resident_peak_bytes()
+
     def synchronize(self) -> None:
         """Wait for queued GPU work (timings, memory readings); nothing to wait for on a CPU."""
         import torch
 
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+
+def _resident_peak_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the high-water mark restarts from the current resident size
+    except (OSError, StopIteration, ValueError):
+        return None
+    return peak
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -138,7 +166,7 @@ def local_decision() -> Decision:
     return decide(os.environ, torch.cuda.device_count())
 
 
-def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0) -> Runtime:
+def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0, kernels: str = "auto") -> Runtime:
     """Apply the decision and join the process group: the first thing a training process does.
 
     torchrun sets RANK/WORLD_SIZE/MASTER_*; without it the process is a
@@ -152,6 +180,7 @@ def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0
     decision = local_decision()
     fix_deepspeed_accelerator(decision.accelerator)
     device = torch.device(decision.device)
+    chosen = resolve_kernels(kernels, device.type)  # before any group: a forced kernel that is missing fails fast
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _single_process_defaults()
@@ -165,7 +194,7 @@ def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0
     _megatron_joins(tp, pp, device, seed)
     control = dist.new_group(backend="gloo") if decision.backend != "gloo" else dist.group.WORLD
     place = place_of(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), tp, pp)
-    return Runtime(device, decision.backend, torch_dtype(dtype), place, control)
+    return Runtime(device, decision.backend, torch_dtype(dtype), place, control, chosen)
 
 
 def export_deepspeed_accelerator() -> None:

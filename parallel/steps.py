@@ -23,6 +23,7 @@ DeepSpeed's gradient reduction and its step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class StepResult:
     head_losses: torch.Tensor  # [n] unscaled per-head means; head 1 is the next-token loss
     grad_norm: float | torch.Tensor  # before clipping; NaN/inf when the step was skipped
     skipped: bool  # the optimizer step was skipped (NaN/inf gradient norm)
+    data_wait_s: float = 0.0  # time this rank waited for its loader's batches
 
 
 class Steps:
@@ -109,8 +111,9 @@ class EngineSteps(Steps):
         skipped_before = self.engine.skipped_steps
         n_micro = self.engine.gradient_accumulation_steps()
         sums = torch.zeros(1 + self.cfg.model.n_future, device=self.runtime.device)  # [1 + n]
+        clock = DataClock(batches)
         for _ in range(n_micro):
-            batch = self.runtime.to_device(next(batches))
+            batch = self.runtime.to_device(next(clock))
             loss, head_losses = self.engine(batch["input_ids"], batch["labels"], step=step)
             self.engine.backward(loss)  # the last micro-batch's backward averages gradients over dp
             if self.engine.is_gradient_accumulation_boundary() and self.engine.mtp_clip is not None:
@@ -118,7 +121,8 @@ class EngineSteps(Steps):
             self.engine.step()
             sums += torch.cat([loss.detach().reshape(1), head_losses.detach()]).float()
         means = _dp_mean(sums / n_micro, self.runtime)
-        return StepResult(means[0], means[1:], self.grad_norm(), self.engine.skipped_steps > skipped_before)
+        return StepResult(means[0], means[1:], self.grad_norm(), self.engine.skipped_steps > skipped_before,
+                          clock.waited_s)
 
     @torch.no_grad()
     def eval_step(self, batches, n_batches: int, step: int) -> torch.Tensor:
@@ -145,9 +149,11 @@ class PipelineSteps(Steps):
 
         skipped_before = self.engine.skipped_steps
         self.model.step = step
-        self.engine.train_batch(_pairs(batches, self.runtime) if batches is not None else None)
+        clock = DataClock(batches) if batches is not None else None
+        self.engine.train_batch(_pairs(clock, self.runtime) if clock is not None else None)
         means = reduce_head_losses(self.model, self.runtime.place.dp_size, self.runtime.device)
-        return StepResult(means[0], means[1:], self.grad_norm(), self.engine.skipped_steps > skipped_before)
+        return StepResult(means[0], means[1:], self.grad_norm(), self.engine.skipped_steps > skipped_before,
+                          clock.waited_s if clock is not None else 0.0)
 
     def eval_step(self, batches, n_batches: int, step: int) -> torch.Tensor:
         from parallel.pipeline import reduce_head_losses
@@ -156,6 +162,24 @@ class PipelineSteps(Steps):
         self.engine.eval_batch(_pairs(batches, self.runtime) if batches is not None else None,
                                num_micro_batches=n_batches)
         return reduce_head_losses(self.model, self.runtime.place.dp_size, self.runtime.device)[1:]
+
+
+class DataClock:
+    """An iterator over `batches` that adds up how long each `next` waited (the loader's time on the step)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.waited_s = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited_s += time.perf_counter() - start
 
 
 def _dp_mean(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:

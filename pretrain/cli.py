@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "pretrain.bench.loss_memory",
     "pretrain.bench.train_step",
     "pretrain.bench.faults",
+    "pretrain.bench.gpu_check",
     "pretrain.inference.cli",
     "pretrain.plan",
 ]

@@ -120,14 +120,25 @@ class Throughput:
 
 
 def format_progress(step: int, max_steps: int, loss: float, head_losses: list[float],
-                    tokens_per_s: float, eta_s: float) -> str:
+                    tokens_per_s: float, eta_s: float, mfu: float | None = None, memory_gb: float | None = None,
+                    data_share: float | None = None) -> str:
     """One plain line for a terminal or a SLURM log, e.g.
-    `step 120/2000 | loss 2.91 | heads 2.71 2.88 3.02 3.11 | 41k tok/s | eta 12m`.
+    `step 120/2000 | loss 2.91 | heads 2.71 2.88 3.02 3.11 | 41k tok/s | mfu 48% | mem 61.2G | data 1% | eta 12m`.
+
+    MFU appears where the device's peak is known (GPUs), memory where it can
+    be read, and `data` is the share of the step spent waiting for batches.
     """
     parts = [f"step {step}/{max_steps}", f"loss {loss:.2f}"]
     if len(head_losses) > 1:
         parts.append("heads " + " ".join(f"{h:.2f}" for h in head_losses))
-    parts += [f"{_si(tokens_per_s)} tok/s", f"eta {_duration(eta_s)}"]
+    parts.append(f"{_si(tokens_per_s)} tok/s")
+    if mfu is not None:
+        parts.append(f"mfu {mfu:.0%}")
+    if memory_gb is not None:
+        parts.append(f"mem {memory_gb:.1f}G")
+    if data_share is not None:
+        parts.append(f"data {data_share:.0%}")
+    parts.append(f"eta {_duration(eta_s)}")
     return " | ".join(parts)
 
 

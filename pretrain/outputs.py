@@ -37,6 +37,12 @@ class PendingStep:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def _data_share(extra: dict[str, float]) -> float | None:
+    """The fraction of the step the loader kept this rank waiting."""
+    step_s = extra.get("step_s")
+    return extra.get("data_wait_s", 0.0) / step_s if step_s else None
+
+
 class RunOutputs:
     """The run directory's logs and the tracker; rank 0 writes, other ranks only audit their samples."""
 
@@ -96,7 +102,8 @@ class RunOutputs:
         max_steps = self.cfg.train.max_steps
         if record.step % self.cfg.train.log_interval == 0 or record.step == max_steps:
             print(format_progress(record.step, max_steps, record.loss, record.head_losses, record.tokens_per_s,
-                                  eta_s), flush=True)
+                                  eta_s, mfu=record.mfu, memory_gb=record.extra.get("peak_memory_gb"),
+                                  data_share=_data_share(record.extra)), flush=True)
 
     def close(self, status: str, summary: list[str] | None = None) -> None:
         """Flush, end the MLflow run with `status` and close every file; the summary is printed last."""

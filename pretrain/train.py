@@ -10,6 +10,7 @@ so that re-running the same command continues exactly where it stopped.
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict
 
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from pretrain.config import RunConfig, check_data_dir, load_config, save_config,
 from pretrain.errors import RunFailure, UserError
 from pretrain.faults import FaultInjector, from_env
 from pretrain.metrics import StepMetrics, Throughput
+from pretrain.model.config import NOT_IDENTITY
 from pretrain.outputs import PendingStep, RunOutputs
 from pretrain.signals import StopFlag
 
@@ -94,9 +96,10 @@ class Trainer:
         self._print(f"resumed from {path} at step {self.step}")
 
     def _check_same_model(self, extra: dict) -> None:
-        saved = extra.get("model")
-        if saved is not None and saved != asdict(self.cfg.model):
-            changed = sorted(k for k in saved if saved[k] != asdict(self.cfg.model).get(k))
+        saved = {k: v for k, v in (extra.get("model") or {}).items() if k not in NOT_IDENTITY}
+        here = {k: v for k, v in asdict(self.cfg.model).items() if k not in NOT_IDENTITY}
+        if saved and saved != here:
+            changed = sorted(k for k in saved if saved[k] != here.get(k))
             raise UserError(
                 f"the checkpoints in {self.cfg.checkpoint_dir} are of a different model "
                 f"(model.{', model.'.join(changed)} differ); use a new run.dir or the original model settings"
@@ -162,6 +165,7 @@ class Trainer:
         while self.step < last_step:
             self.faults.before_step(self.step + 1)
             lr = self.steps.lr
+            started = time.perf_counter()
             result = self.steps.train_step(batches, self.step)
             self.step += 1
             self.tokens += cfg.train.global_batch_size * cfg.train.seq_len
@@ -169,7 +173,7 @@ class Trainer:
             pending = PendingStep(self.step, self.tokens, result.loss, result.head_losses, lr, result.grad_norm,
                                   throughput.tokens_per_s, self._mfu(throughput.tokens_per_s),
                                   throughput.eta_s(cfg.train.max_steps),
-                                  extra={"skipped_steps": float(self.steps.skipped_steps)})
+                                  extra=self._step_extra(result, time.perf_counter() - started))
             self._maybe_evaluate(pending)
             outputs.add(pending, step_ids[:])
             step_ids.clear()
@@ -227,6 +231,20 @@ class Trainer:
             "validation loss per head: " + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(val, start=1)),
         ]
 
+    def _step_extra(self, result, step_s: float) -> dict[str, float]:
+        """Per-step figures beside the losses: skips, host time of the step and its data wait, peak memory.
+
+        `step_s` is the host's view: without a synchronisation in the step it
+        can run ahead of the GPU, but every optimizer step already waits for
+        the gradient norm, so over a logged interval it follows the device.
+        """
+        extra = {"skipped_steps": float(self.steps.skipped_steps), "step_s": step_s,
+                 "data_wait_s": result.data_wait_s}
+        peak = self.runtime.peak_memory_bytes()
+        if peak is not None:
+            extra["peak_memory_gb"] = peak / 2**30
+        return extra
+
     def _mfu(self, tokens_per_s: float) -> float | None:
         from parallel.hardware import peak_flops
         from pretrain.model.counting import flops_per_token
@@ -278,5 +296,8 @@ def run(args) -> int:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     runtime = start_runtime(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dtype, cfg.fault.collective_timeout_s,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, kernels=cfg.model.kernels)
+    if runtime.is_main:
+        print(f"runtime: {runtime.place.world_size} process(es) on {runtime.device_name()} ({runtime.backend}), "
+              f"{runtime.dtype_name}, {runtime.kernels} kernels", flush=True)
     return Trainer(cfg, runtime).fit(stop_after=args.stop_after)

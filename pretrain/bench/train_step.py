@@ -28,22 +28,28 @@ def register(subparsers, bench_subparsers) -> None:
     p.add_argument("--config", default="configs/tiny-cpu.yaml", help="run config whose model and batch to time")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    p.add_argument("--variants", default="n1,n4,matched",
+                   help="which of n1 (baseline), n4 (the config's n_future), matched (parameter-matched) to time, "
+                        "comma-separated; one per process keeps a large model within one GPU's memory")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.n_future=4")
     p.set_defaults(func=run)
 
 
-def variants(cfg) -> list[tuple[str, object]]:
+VARIANT_KEYS = ("n1", "n4", "matched")
+
+
+def variants(cfg, keys: tuple[str, ...] = VARIANT_KEYS) -> list[tuple[str, object]]:
     """(label, ModelConfig) for the baseline, the MTP model and, when possible, its matched twin."""
     n = cfg.model.n_future
     if n < 2:
         raise UserError("mtp bench train compares against n_future=1: set model.n_future to 2 or more")
-    out = [("n=1", dataclasses.replace(cfg.model, n_future=1, head_weights=None, match_params=False)),
-           (f"n={n}", dataclasses.replace(cfg.model, match_params=False))]
+    out = {"n1": ("n=1", dataclasses.replace(cfg.model, n_future=1, head_weights=None, match_params=False)),
+           "n4": (f"n={n}", dataclasses.replace(cfg.model, match_params=False))}
     matched = dataclasses.replace(cfg.model, match_params=True)
     if matched.trunk_layers >= 1:
-        out.append((f"n={n} matched", matched))
-    return out
+        out["matched"] = (f"n={n} matched", matched)
+    return [out[k] for k in keys if k in out]
 
 
 class Subject:
@@ -72,44 +78,51 @@ class Subject:
         labels = torch.stack([tokens[:, k:k + s] for k in range(1, model_cfg.n_future + 1)], dim=1)  # [mb, n, s]
         self.batches = itertools.repeat({"input_ids": tokens[:, :s], "labels": labels})
         self.times: list[float] = []
+        self.peak_bytes = 0
 
     def step(self, timed: bool) -> None:
+        self.runtime.peak_memory_bytes()  # a fresh peak window for this variant's step
         start = time.perf_counter()
         self.steps.train_step(self.batches, step=0)
         self.runtime.synchronize()
         if timed:
             self.times.append(time.perf_counter() - start)
+            self.peak_bytes = max(self.peak_bytes, self.runtime.peak_memory_bytes() or 0)
 
 
-def measure(cfg, steps: int, warmup: int) -> list[dict]:
+def measure(cfg, steps: int, warmup: int, keys: tuple[str, ...] = VARIANT_KEYS) -> list[dict]:
     from parallel.hardware import peak_flops
     from parallel.runtime import start
 
     p = cfg.parallel
-    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s)
-    subjects = [Subject(label, m, cfg, runtime) for label, m in variants(cfg)]
+    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s, kernels=cfg.model.kernels)
+    subjects = [Subject(label, m, cfg, runtime) for label, m in variants(cfg, keys)]
     for i in range(warmup + steps):
         for subject in subjects:
             subject.step(timed=i >= warmup)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     peak = peak_flops(runtime.device_name(), runtime.dtype_name)
-    base = statistics.median(subjects[0].times)
+    base = statistics.median(subjects[0].times) if subjects[0].label == "n=1" else None
     rows = []
     for s in subjects:
         seconds = statistics.median(s.times)
+        mfu = s.flops * tokens / seconds / (peak * runtime.place.world_size) if peak else None
         rows.append({
             "variant": s.label, "params": s.params, "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "time_vs_n1": seconds / base, "mfu": (s.flops * tokens / seconds / (peak * runtime.place.world_size)) if peak else None,
+            "time_vs_n1": seconds / base if base else None, "mfu": mfu, "peak_memory_gb": s.peak_bytes / 2**30,
+            "device": runtime.device_name(), "dtype": runtime.dtype_name, "kernels": runtime.kernels,
         })
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | params | step (s) | tokens/s | time vs n=1 | MFU |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | params | step (s) | tokens/s | time vs n=1 | MFU | peak memory |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        ratio = f"{r['time_vs_n1']:.3f}" if r["time_vs_n1"] is not None else "-"
         lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} "
-                     f"| {r['time_vs_n1']:.3f} | {mfu} |")
+                     f"| {ratio} | {mfu} | {r['peak_memory_gb']:.2f} GB |")
     return "\n".join(lines)
 
 
@@ -121,11 +134,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
+    keys = tuple(k.strip() for k in args.variants.split(",") if k.strip())
+    if not keys or any(k not in VARIANT_KEYS for k in keys):
+        raise UserError(f"--variants {args.variants}: give a comma-separated subset of {', '.join(VARIANT_KEYS)}")
     cfg = load_config(args.config, args.overrides)
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = _vocab_from_data(cfg, load_tokenizer)
-    rows = measure(cfg, args.steps, args.warmup)
+    rows = measure(cfg, args.steps, args.warmup, keys)
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     return 0
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pretrain.errors import UserError
 
 HEAD_TYPES = ("transformer", "linear", "sequential")
+KERNELS = ("auto", "te", "apex", "torch")
+# Settings that change how a model is computed, not what it is: a checkpoint resumes under any of them.
+NOT_IDENTITY = ("kernels",)
 
 
 @dataclass
@@ -31,6 +34,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     loss_chunk_tokens: int = 1024  # tokens per chunk of the fused unembedding + CE
+    kernels: str = "auto"  # auto | te | apex | torch: which kernels build the layers (parallel/kernels.py)
 
     @property
     def kv_heads(self) -> int:
@@ -100,6 +104,7 @@ class ModelConfig:
             (self.loss_chunk_tokens >= 1, "model.loss_chunk_tokens must be >= 1"),
             (self.vocab_size is None or self.vocab_size >= 2, "model.vocab_size must be >= 2"),
             (self.max_seq_len >= 1, "model.max_seq_len must be >= 1"),
+            (self.kernels in KERNELS, f"model.kernels must be one of {', '.join(KERNELS)}, got '{self.kernels}'"),
         ]
         for ok, message in checks:
             if not ok:
