@@ -31,6 +31,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         from data_pipeline.tokenizer import load_tokenizer
         from parallel.engine import build_engine, build_model, init_distributed
+        from pretrain.hf.load import init_from_pretrained
 
         self.cfg = cfg
         self.place = init_distributed(cfg)
@@ -39,6 +40,7 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.pipelined = cfg.parallel.pp > 1
         self.model = build_model(cfg, self.place)
+        init_from_pretrained(self.model, cfg, self.place, self.tokenizer)  # model.init_from: fresh runs only
         self.engine = build_engine(self.model, cfg, self.place)
         self.faults = _fault_injector(self.place.rank)
         self.faults.poison(self.model, lambda: self.step + 1)
