@@ -23,7 +23,8 @@ def _add_source_args(parser: argparse.ArgumentParser, workers_help: str) -> None
     parser.add_argument("--source", nargs="+", default=["stdlib"], metavar="stdlib|PATH",
                         help="stdlib (this Python's standard library .py files), directories, text or .jsonl files")
     parser.add_argument("--tokenizer", default="byte", metavar="byte|bpe:N|PATH",
-                        help="bytes, byte-level BPE with N ids trained on the corpus, or a tokenizer.json")
+                        help="bytes, byte-level BPE with N ids trained on the corpus, a tokenizer.json, or a "
+                             "directory holding one (a Hugging Face model directory, a prepared data set)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=workers_help)
 
 

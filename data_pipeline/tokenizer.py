@@ -23,7 +23,7 @@ PAD_TOKEN = "<|pad|>"
 EOD_NAMES = (EOD_TOKEN, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 PAD_NAMES = (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>")
 MIN_BPE_VOCAB = 259  # 256 byte symbols + eod + pad + at least one merge
-SPEC_HELP = "use byte, bpe:VOCAB_SIZE (e.g. bpe:8192) or the path of a tokenizer.json"
+SPEC_HELP = "use byte, bpe:VOCAB_SIZE (e.g. bpe:8192), the path of a tokenizer.json or a directory holding one"
 
 
 class Tokenizer(ABC):
@@ -201,9 +201,14 @@ def parse_spec(spec: str) -> tuple[str, int | str | None]:
 
 
 def load_tokenizer_path(path: str) -> Tokenizer:
-    """A `--tokenizer PATH`: a tokenizer.json file, or a directory holding one (a data set, a checkpoint)."""
+    """A `--tokenizer PATH`: a tokenizer.json file, or a directory holding one (a data set, a checkpoint,
+    a Hugging Face model directory, whose tokenizer_config.json names its eos and pad tokens)."""
     if os.path.isdir(path):
-        return load_tokenizer(path)
+        from pathlib import Path
+
+        from pretrain.hf.tokenizer import read_tokenizer
+
+        return read_tokenizer(Path(path))
     with open(path, encoding="utf-8") as f:
         return hf_from_json(f.read(), path)
 

@@ -33,10 +33,17 @@ def register(subparsers, bench_subparsers) -> None:
     train.set_defaults(func=_train)
 
     export = subparsers.add_parser(
-        "export", help="write a consolidated model file from a checkpoint",
-        description="Consolidate a training checkpoint into one safetensors file holding the weights, "
-                    "the model config and the tokenizer.",
+        "export", help="write a consolidated model file (or a Hugging Face directory) from a checkpoint",
+        description="Consolidate a training checkpoint, whatever layout wrote it. --format mtp (default): one "
+                    "safetensors file holding the weights, the model config and the tokenizer. --format hf: a "
+                    "directory transformers loads as a LlamaForCausalLM (trunk + head 1), with heads 2..n in "
+                    "extra_heads.safetensors and a trust_remote_code model that returns every head's logits.",
     )
     export.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints/ dir, or one step_* dir")
-    export.add_argument("--out", required=True, help="output file, e.g. runs/demo/model.safetensors")
+    export.add_argument("--out", required=True,
+                        help="output file (mtp), e.g. runs/demo/model.safetensors, or directory (hf)")
+    export.add_argument("--format", choices=["mtp", "hf"], default="mtp", help="mtp (default) or hf (transformers)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights of an hf export (default float32)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing hf export directory")
     export.set_defaults(func=_export)

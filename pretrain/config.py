@@ -155,7 +155,12 @@ SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
 def load_config(path: str, overrides: list[str]) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides, type-check every value."""
     source = f"{path} or its overrides" if overrides else path
-    return from_dict(apply_overrides(_read_yaml(path), overrides, source=path), source=source)
+    cfg = from_dict(apply_overrides(_read_yaml(path), overrides, source=path), source=source)
+    if cfg.model.init_from:  # the shape of a pretrained start comes from its config.json
+        from pretrain.hf.shape import apply_llama_shape
+
+        apply_llama_shape(cfg.model)
+    return cfg
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "config") -> dict:

@@ -117,6 +117,14 @@ def _read_dir(directory: Path) -> dict[str, str]:
 
 
 def run(args) -> int:
+    if args.format == "hf":
+        from pretrain.hf.export import export_hf
+
+        step_dir = export_hf(args.checkpoint, args.out, args.dtype, args.overwrite)
+        print(f"exported {step_dir} -> {args.out} (Hugging Face Llama + MTP heads, {args.dtype})")
+        return 0
+    if args.dtype != "float32" or args.overwrite:
+        raise UserError("--dtype and --overwrite apply to --format hf; the mtp format is float32 and never overwrites")
     step_dir = export(args.checkpoint, args.out)
     print(f"exported {step_dir} -> {args.out}")
     return 0

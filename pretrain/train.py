@@ -43,7 +43,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.dir)
         self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
         self.found = self._newest_checkpoint()  # decided before the model: a fresh run may start pretrained
-        self.steps = Steps.open(cfg, runtime)
+        self.steps = Steps.open(cfg, runtime, self._pretrained())
         self.faults = _fault_injector(self.place.rank)
         self.faults.poison(self.steps.model, lambda: self.step + 1)
         # Pipeline stages between the first and the last never see a batch.
@@ -77,6 +77,16 @@ class Trainer:
         found = [self.store.latest() if self.is_main else None]
         dist.broadcast_object_list(found, src=0)
         return found[0]
+
+    def _pretrained(self):
+        """`model.init_from`'s logical weights for a fresh run (read lazily, each rank its own slices)."""
+        if self.found is not None or not self.cfg.model.init_from:
+            return None
+        from pretrain.hf.load import pretrained_state
+
+        heads = "copies of its last layer" if self.cfg.model.init_extra_heads == "last_layer" else "random"
+        self._print(f"initialising from {self.cfg.model.init_from}; heads 2..{self.cfg.model.n_future}: {heads}")
+        return pretrained_state(self.cfg.model, self.tokenizer)
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint, if there is one."""

@@ -11,6 +11,7 @@ HEAD_TYPES = ("transformer", "linear", "sequential")
 KERNELS = ("auto", "te", "apex", "torch")
 # Settings that change how a model is computed, not what it is: a checkpoint resumes under any of them.
 NOT_IDENTITY = ("kernels",)
+INIT_EXTRA_HEADS = ("last_layer", "random")  # how model.init_from starts heads 2..n
 
 
 @dataclass
@@ -35,6 +36,10 @@ class ModelConfig:
     init_std: float = 0.02
     loss_chunk_tokens: int = 1024  # tokens per chunk of the fused unembedding + CE
     kernels: str = "auto"  # auto | te | apex | torch: which kernels build the layers (parallel/kernels.py)
+    # A fresh run's weights from a pretrained model (pretrain/hf, docs/huggingface.md):
+    init_from: str | None = None  # "hf:DIR", a local Hugging Face Llama; None = random initialisation
+    init_extra_heads: str = "last_layer"  # heads 2..n start as copies of its last layer, or "random"
+    init_untie_embeddings: bool = False  # a tied checkpoint: start the unembedding as a copy of the embedding
 
     @property
     def kv_heads(self) -> int:
@@ -105,6 +110,10 @@ class ModelConfig:
             (self.vocab_size is None or self.vocab_size >= 2, "model.vocab_size must be >= 2"),
             (self.max_seq_len >= 1, "model.max_seq_len must be >= 1"),
             (self.kernels in KERNELS, f"model.kernels must be one of {', '.join(KERNELS)}, got '{self.kernels}'"),
+            (self.init_from is None or self.init_from.startswith("hf:"),
+             "model.init_from must be hf:DIR (a local Hugging Face Llama directory) or null"),
+            (self.init_extra_heads in INIT_EXTRA_HEADS,
+             f"model.init_extra_heads must be one of {', '.join(INIT_EXTRA_HEADS)}"),
         ]
         for ok, message in checks:
             if not ok:
