@@ -29,12 +29,13 @@ log = logging.getLogger("mtp.train")
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
+        from data_pipeline.feed import tokenizer_location
         from data_pipeline.tokenizer import load_tokenizer
         from parallel.engine import build_engine, build_model, init_distributed
 
         self.cfg = cfg
         self.place = init_distributed(cfg)
-        self.tokenizer = load_tokenizer(cfg.data.dir)
+        self.tokenizer = load_tokenizer(tokenizer_location(cfg.data))
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.pipelined = cfg.parallel.pp > 1
@@ -50,18 +51,15 @@ class Trainer:
         self.tokens = 0
         self.run_id: str | None = None
         self.last_val: list[float] | None = None
+        self.val_by_source: dict[str, list[float]] = {}  # every head's validation loss, per data source
         self.skipped_in_row = 0  # consecutive optimizer steps skipped for a NaN/inf loss or gradient
 
-    def _loader(self, split: str):
-        from data_pipeline.loader import StreamingLoader
+    def _loader(self, split: str, source: str | None = None):
+        from data_pipeline.feed import open_loader
 
         cfg = self.cfg
-        return StreamingLoader(
-            cfg.data.dir, split, cfg.train.seq_len, cfg.model.n_future,
-            cfg.train.micro_batch_size, cfg.train.global_batch_size,
-            dp_rank=self.place.dp_rank, dp_size=self.place.dp_size, seed=cfg.data.seed,
-            num_workers=cfg.data.num_workers, on_bad_shard=cfg.data.on_bad_shard,
-        )
+        return open_loader(cfg.data, split, cfg.train.seq_len, cfg.model.n_future, cfg.train.micro_batch_size,
+                           cfg.train.global_batch_size, self.place.dp_rank, self.place.dp_size, source=source)
 
     @property
     def is_main(self) -> bool:
@@ -155,23 +153,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:
+        """Every head's validation loss, weighted over the data sources; per source in `val_by_source`."""
+        from data_pipeline.feed import source_specs, weighted_validation
+
+        self.val_by_source = {s.name: self._evaluate_source(s.name) for s in source_specs(self.cfg.data)}
+        return weighted_validation(self.cfg.data, self.val_by_source)
+
+    def _evaluate_source(self, source: str) -> list[float]:
         """Every head's mean loss on the first `eval_steps` validation micro-batches of this rank."""
         if self.pipelined:
-            return self._pipeline_evaluate()
+            return self._pipeline_evaluate(source)
         self.model.eval()
         total = None
-        batches = iter(self._loader("val"))
+        batches = iter(self._loader("val", source))
         for _ in range(self.cfg.train.eval_steps):
             batch = self._to_device(next(batches))
             _, head_losses = self.model(batch["input_ids"], batch["labels"], step=self.step)
             total = head_losses.float().cpu() if total is None else total + head_losses.float().cpu()
         return self._dp_mean(total / self.cfg.train.eval_steps).tolist()
 
-    def _pipeline_evaluate(self) -> list[float]:
+    def _pipeline_evaluate(self, source: str) -> list[float]:
         from parallel.pipeline import reduce_head_losses
 
         self.model.step = self.step
-        batches = _pairs(iter(self._loader("val"))) if self.place.feeds_data else None
+        batches = _pairs(iter(self._loader("val", source))) if self.place.feeds_data else None
         self.engine.eval_batch(batches, num_micro_batches=self.cfg.train.eval_steps)
         return reduce_head_losses(self.model, self.place.dp_size)[1:]
 
@@ -246,6 +251,10 @@ class Trainer:
             throughput.update(self.step, self.tokens)
             record = StepMetrics(self.step, self.tokens, loss, heads, lr, norm, throughput.tokens_per_s,
                                  mfu=self._mfu(throughput.tokens_per_s))
+            if self.loader is not None:
+                from data_pipeline.feed import source_metrics
+
+                record.extra.update(source_metrics(self.loader))
             self._check_skip(self.engine.skipped_steps > skipped_before, record)
             if samples is not None:
                 samples.write_row({"step": self.step, "ids": step_ids[:]})
@@ -303,6 +312,9 @@ class Trainer:
             val = self.last_val = self.evaluate()
             record.extra.update({f"val_loss_head{k}": v for k, v in enumerate(val, start=1)})
             record.extra["val_loss"] = sum(val) / len(val)
+            from data_pipeline.feed import validation_metrics
+
+            record.extra.update(validation_metrics(self.val_by_source))
             self._print(f"eval step {self.step} | val heads " + " ".join(f"{v:.3f}" for v in val))
 
     def _record(self, record: StepMetrics, metrics, tracker, throughput: Throughput) -> None:
