@@ -79,6 +79,13 @@ def _register_bench(bench_subparsers) -> None:
     b.add_argument("--micro-batch", type=int, default=8)
     b.add_argument("--stream-tokens", type=int, default=200_000_000, help="input tokens to stream")
     b.add_argument("--loader-workers", type=int, default=1, help="StreamingLoader num_workers (0: no threads)")
+    b.add_argument("--synthetic-docs", type=int, nargs="+", metavar="N",
+                   help="instead: prepare synthetic corpora of N small documents each (peak memory and rates per N), "
+                        "stream a 3-source mixture and parse a --manifest-shards manifest")
+    b.add_argument("--doc-bytes", type=int, default=200, help="mean size of a synthetic document")
+    b.add_argument("--manifest-shards", type=int, default=100_000, help="shards of the synthetic manifest")
+    b.add_argument("--mixture-docs", type=int, default=60_000,
+                   help="documents (400 bytes) of the heaviest of the 3 mixed sources; the others have 2/3 and 1/2")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_bench)
 
@@ -132,6 +139,16 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.synthetic_docs:
+        from data_pipeline.bench_scale import ScaleBenchConfig, report_scale, run_scale_bench
+
+        cfg = ScaleBenchConfig(synthetic_docs=args.synthetic_docs, workers=args.workers, tokenizer=args.tokenizer,
+                               doc_bytes=args.doc_bytes, stream_tokens=args.stream_tokens, seq_len=args.seq_len,
+                               n_future=args.n_future, micro_batch_size=args.micro_batch,
+                               loader_workers=args.loader_workers, manifest_shards=args.manifest_shards,
+                               mixture_docs=args.mixture_docs)
+        print(report_scale(run_scale_bench(cfg), args.json))
+        return 0
     from data_pipeline.bench import DataBenchConfig, report, run_data_bench
 
     cfg = DataBenchConfig(sources=args.source, tokenizer=args.tokenizer, workers=args.workers, seq_len=args.seq_len,

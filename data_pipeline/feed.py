@@ -58,13 +58,10 @@ def open_loader(data_cfg, split: str, seq_len: int, n_future: int, micro_batch_s
         specs = [s for s in specs if s.name == source]
         if not specs:
             raise UserError(f"no data source named {source!r}; names: {', '.join(s.name for s in source_specs(data_cfg))}")
-    data = specs[0].dir if len(specs) == 1 else [Source(s.dir, s.weight, s.name) for s in specs]
-    loader = StreamingLoader(data, split, seq_len, n_future, micro_batch_size, global_batch_size,
-                             dp_rank=dp_rank, dp_size=dp_size, seed=data_cfg.seed, num_workers=data_cfg.num_workers,
-                             on_bad_shard=data_cfg.on_bad_shard, block_shards=LOADER_BLOCK_SHARDS)
-    if len(specs) == 1:
-        loader.sources = [Source(specs[0].dir, specs[0].weight, specs[0].name)]  # named, for tokens_by_source
-    return loader
+    return StreamingLoader([Source(s.dir, s.weight, s.name) for s in specs], split, seq_len, n_future,
+                           micro_batch_size, global_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=data_cfg.seed,
+                           num_workers=data_cfg.num_workers, on_bad_shard=data_cfg.on_bad_shard,
+                           block_shards=LOADER_BLOCK_SHARDS)
 
 
 def source_metrics(loader) -> dict[str, float]:

@@ -66,15 +66,16 @@ class Mixture:
 
     def block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         """(source [BLOCK], local position [BLOCK]) of every position of block `block`."""
-        if self._block is None or self._block[0] != block:
+        cached = self._block  # one read: the batch thread and the metrics read it concurrently
+        if cached is None or cached[0] != block:
             start, end = self.before_block(block), self.before_block(block + 1)
             labels = np.repeat(np.arange(self.size), end - start)  # [BLOCK] sorted by source
             source = labels[permutation(BLOCK, self.seed, MIX_KEY, block)]  # [BLOCK]
             order = np.argsort(source, kind="stable")  # the positions of each source, in stream order
             rank = np.empty(BLOCK, dtype=np.int64)
             rank[order] = np.arange(BLOCK) - np.repeat(np.cumsum(end - start) - (end - start), end - start)
-            self._block = (block, source, start[source] + rank)
-        return self._block[1], self._block[2]
+            cached = self._block = (block, source, start[source] + rank)
+        return cached[1], cached[2]
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source [m], local position [m]) of stream `positions` [m]."""

@@ -2,8 +2,9 @@
 
 A sample is `{"__key__": "000042", "tokens.npy": <1-D little-endian uint16/uint32>}`,
 so `webdataset.WebDataset(url).decode()` reads it with no project code. Shards are
-written under a temporary name and renamed, with a fixed mtime so the same input
-gives byte-identical shards (and the same fingerprint). Reading checks every byte
+written (with the standard library's tarfile, exactly as webdataset's TarWriter
+writes them) under a temporary name and renamed, with a fixed mtime so the same
+input gives byte-identical shards (and the same fingerprint). Reading checks every byte
 against the manifest's sha256 while streaming, so the loader never trains on a
 corrupt shard.
 """
@@ -11,6 +12,7 @@ corrupt shard.
 import hashlib
 import io
 import os
+import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -118,16 +120,13 @@ class SplitWriter:
 def write_shard(out_dir: str, name: str, split: str, samples: list[np.ndarray], dtype: np.dtype, eod_id: int,
                 sample_size: int) -> ShardInfo:
     """Write one tar atomically (temp name, fsync, rename) and describe it."""
-    import webdataset
-
     final = os.path.join(out_dir, name)
     temp = final + ".tmp"
     with open(temp, "wb") as raw:
         hashed = _HashingFile(raw)
-        writer = webdataset.TarWriter(hashed, mtime=0, user="mtp", group="mtp")
-        for index, sample in enumerate(samples):
-            writer.write({"__key__": f"{index:06d}", SAMPLE_KEY: sample.astype(dtype, copy=False)})
-        writer.close()
+        with tarfile.open(fileobj=hashed, mode="w|") as tar:
+            for index, sample in enumerate(samples):
+                _add_member(tar, f"{index:06d}.{SAMPLE_KEY}", _npy_bytes(sample.astype(dtype, copy=False)))
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(temp, final)
@@ -141,6 +140,23 @@ def write_shard(out_dir: str, name: str, split: str, samples: list[np.ndarray], 
         bytes=hashed.nbytes,
         sample_size=sample_size,
     )
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member as webdataset's TarWriter(mtime=0, user="mtp", group="mtp") writes it, byte for byte.
+
+    The standard library's tarfile, not webdataset's writer: importing webdataset
+    imports torch (seconds), which `mtp prepare` otherwise never needs.
+    """
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "mtp", "mtp"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    stream = io.BytesIO()
+    np.lib.format.write_array(stream, array)
+    return stream.getvalue()
 
 
 def read_shard(location: str, shard: ShardInfo, dtype: str) -> np.ndarray:

@@ -95,11 +95,12 @@ def _walk(root: str, name: str, include: list[str], skip: tuple[str, ...] = ()) 
                 yield SourceFile(path, f"{name}/{rel}", size)
 
 
-def record_identity(file: SourceFile, index: int) -> str:
-    """The identity of record `index` of a file of records: without the format's suffix, so
-    re-compressing a corpus (`.jsonl` to `.jsonl.zst`) or converting it to Parquet keeps its split."""
+def record_prefix(file: SourceFile) -> str:
+    """Record i of a file of records is `f"{record_prefix(file)}:{i}"`: the file's identity without the
+    format's suffix, so re-compressing a corpus (`.jsonl` to `.jsonl.zst`) or converting it to Parquet
+    keeps its split."""
     kind = record_format(file.identity)
-    return f"{file.identity[: -len(kind) - 1]}:{index}"
+    return file.identity[: -len(kind) - 1]
 
 
 def read_whole(path: str) -> tuple[str, bool] | None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from data_pipeline.assign import Assigner, PartSpec
 from data_pipeline.formats import iter_records
-from data_pipeline.sources import SourceFile, read_whole, record_identity
+from data_pipeline.sources import SourceFile, read_whole, record_prefix
 from data_pipeline.tokenizer import ByteTokenizer, Tokenizer, hf_from_json
 from pretrain.errors import UserError
 
@@ -110,9 +110,10 @@ def file_documents(file: SourceFile, assigner: Assigner, text_key: str,
         yield split, got[0]
         return
     decided: list[str | None] = [None]
+    prefix = record_prefix(file)
 
     def wanted(index: int) -> bool:
-        decided[0] = assigner.split_of(record_identity(file, index))
+        decided[0] = assigner.split_of(f"{prefix}:{index}")
         return decided[0] is not None
 
     for _, text in iter_records(file.path, text_key, wanted):

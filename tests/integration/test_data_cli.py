@@ -186,3 +186,18 @@ def test_bench_data_reports_both_rates():
     report = json.loads(result.stdout)
     assert report["tokens"] > 0 and report["tokenize_tokens_per_s_per_worker"] > 0
     assert report["stream_tokens"] >= 100000 - 4 * 64 and report["stream_tokens_per_s"] > 0
+
+
+def test_bench_data_at_scale_reports_memory_rates_mixture_and_manifest():
+    result = mtp("bench", "data", "--synthetic-docs", "2000", "6000", "--workers", "2", "--seq-len", "64",
+                 "--micro-batch", "4", "--stream-tokens", "200000", "--mixture-docs", "3000",
+                 "--manifest-shards", "2000", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [p["documents"] for p in report["prepare"]] == [2000, 6000]
+    for p in report["prepare"]:
+        assert p["tokens_per_worker_cpu_s"] > 0 and p["parent_tokens_per_cpu_s"] > 0
+        assert p["parent_peak_mb"] > 0 and p["worker_peak_mb"] > 0
+    mixture = report["mixture"]
+    assert mixture["sources"] == 3 and mixture["tokens"] >= 200000 - 4 * 64 and mixture["tokens_per_s"] > 0
+    assert report["manifest"]["shards"] == 2000 and report["manifest"]["current_mb"] < report["manifest"]["v1_mb"]
