@@ -84,6 +84,7 @@ def _register_bench(bench_subparsers) -> None:
                         "stream a 3-source mixture and parse a --manifest-shards manifest")
     b.add_argument("--doc-bytes", type=int, default=200, help="mean size of a synthetic document")
     b.add_argument("--manifest-shards", type=int, default=100_000, help="shards of the synthetic manifest")
+    b.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard of the synthetic corpora")
     b.add_argument("--mixture-docs", type=int, default=60_000,
                    help="documents (400 bytes) of the heaviest of the 3 mixed sources; the others have 2/3 and 1/2")
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -146,7 +147,7 @@ def _bench(args) -> int:
                                doc_bytes=args.doc_bytes, stream_tokens=args.stream_tokens, seq_len=args.seq_len,
                                n_future=args.n_future, micro_batch_size=args.micro_batch,
                                loader_workers=args.loader_workers, manifest_shards=args.manifest_shards,
-                               mixture_docs=args.mixture_docs)
+                               mixture_docs=args.mixture_docs, shard_tokens=args.shard_tokens)
         print(report_scale(run_scale_bench(cfg), args.json))
         return 0
     from data_pipeline.bench import DataBenchConfig, report, run_data_bench

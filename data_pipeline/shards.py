@@ -58,7 +58,7 @@ class SplitWriter:
     GIL), so packing goes on while it is written; at most `MAX_PENDING` shards wait.
     """
 
-    MAX_PENDING = 2
+    MAX_PENDING = 1
 
     def __init__(self, out_dir: str, split: str, dtype: str, shard_tokens: int, sample_tokens: int, eod_id: int,
                  tag: str = ""):

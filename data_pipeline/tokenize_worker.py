@@ -3,7 +3,7 @@
 The file stream is cut into units (consecutive files of about `UNIT_BYTES`, or one
 bigger file). Unit u goes to worker u mod K, which reads its files sequentially,
 keeps the documents this part owns (assign.py), tokenizes them and sends back
-chunks of at most `CHUNK_TOKENS` tokens per split: one array per split with each
+chunks of about `CHUNK_TOKENS` tokens: one array per split with each
 document followed by eod, ready to be packed. Each worker has its own bounded
 result queue and the parent reads unit 0 from worker 0, unit 1 from worker 1, and
 so on, so the stream is in corpus order whatever K (the shards are byte-identical
@@ -32,7 +32,7 @@ from data_pipeline.tokenizer import ByteTokenizer, Tokenizer, hf_from_json
 from pretrain.errors import UserError
 
 UNIT_BYTES = 1 << 22  # files per task: enough to amortise a queue round trip, small enough to balance
-CHUNK_TOKENS = 1 << 22  # tokens per message back to the parent (8 MiB of uint16)
+CHUNK_TOKENS = 1 << 20  # tokens per message back to the parent (2 MiB of uint16)
 ENCODE_CHARS = 1 << 20  # characters handed to the tokenizer per call
 QUEUE_CHUNKS = 4  # chunks a worker may have waiting for the parent
 SPLITS = ("train", "val")
