@@ -38,6 +38,7 @@ class DataBenchResult:
     tokenize_seconds: float
     tokenize_tokens_per_s: float  # wall clock, all workers
     tokenize_tokens_per_s_per_worker: float  # tokens per CPU second of a tokenizer process
+    parent_tokens_per_cpu_s: float  # tokens per CPU second of the packing/writing process: its ceiling
     stream_tokens: int
     stream_seconds: float
     stream_first_batch_seconds: float
@@ -50,15 +51,17 @@ class DataBenchResult:
 def run_data_bench(cfg: DataBenchConfig) -> DataBenchResult:
     with tempfile.TemporaryDirectory(prefix="mtp-bench-data-") as tmp:
         out = os.path.join(tmp, "data")
-        prepared = prepare(PrepareConfig(out=out, sources=cfg.sources, tokenizer=cfg.tokenizer, workers=cfg.workers))
-        first, seconds, delivered = _stream(out, cfg)
+        prepared = prepare(PrepareConfig(out=out, sources=cfg.sources, tokenizer=cfg.tokenizer, workers=cfg.workers,
+                                         val_fraction=0.0))  # streaming reads train only
+        first, seconds, delivered = stream(out, cfg)
     return DataBenchResult(
         documents=prepared.documents,
         tokens=prepared.tokens,
         workers=cfg.workers,
-        tokenize_seconds=prepared.tokenize_seconds,
-        tokenize_tokens_per_s=prepared.tokens / prepared.tokenize_seconds,
-        tokenize_tokens_per_s_per_worker=prepared.tokens / prepared.tokenize_cpu_seconds,
+        tokenize_seconds=prepared.stats.seconds,
+        tokenize_tokens_per_s=prepared.tokens / prepared.stats.seconds,
+        tokenize_tokens_per_s_per_worker=prepared.tokens / prepared.stats.tokenize_cpu_seconds,
+        parent_tokens_per_cpu_s=prepared.tokens / prepared.stats.parent_cpu_seconds,
         stream_tokens=delivered,
         stream_seconds=seconds,
         stream_first_batch_seconds=first,
@@ -69,11 +72,12 @@ def run_data_bench(cfg: DataBenchConfig) -> DataBenchResult:
     )
 
 
-def _stream(data_dir: str, cfg: DataBenchConfig) -> tuple[float, float, int]:
-    """(seconds to the first micro-batch, seconds for the rest, input tokens in the rest)."""
+def stream(data, cfg: DataBenchConfig) -> tuple[float, float, int]:
+    """(seconds to the first micro-batch, seconds for the rest, input tokens in the rest) of a
+    data set location or a list of `Source`s."""
     from data_pipeline.loader import StreamingLoader
 
-    loader = StreamingLoader(data_dir, "train", cfg.seq_len, cfg.n_future, cfg.micro_batch_size,
+    loader = StreamingLoader(data, "train", cfg.seq_len, cfg.n_future, cfg.micro_batch_size,
                              cfg.micro_batch_size, num_workers=cfg.loader_workers)
     per_batch = cfg.micro_batch_size * cfg.seq_len
     start = time.perf_counter()
@@ -96,7 +100,8 @@ def report(result: DataBenchResult, as_json: bool) -> str:
     return "\n".join([
         f"corpus: {r.documents} documents, {human(r.tokens)} tokens",
         f"tokenize: {human(r.tokenize_tokens_per_s)} tokens/s wall clock with {r.workers} workers "
-        f"({r.tokenize_seconds:.1f} s); {human(r.tokenize_tokens_per_s_per_worker)} tokens/s per worker CPU second",
+        f"({r.tokenize_seconds:.1f} s); {human(r.tokenize_tokens_per_s_per_worker)} tokens/s per worker CPU second; "
+        f"packing/writing process {human(r.parent_tokens_per_cpu_s)} tokens per CPU second",
         f"stream: {human(r.stream_tokens_per_s)} tokens/s (seq_len {r.seq_len}, n_future {r.n_future}, "
         f"micro-batch {r.micro_batch_size}; {human(r.stream_tokens)} tokens in {r.stream_seconds:.2f} s, "
         f"first batch after {r.stream_first_batch_seconds:.2f} s)",

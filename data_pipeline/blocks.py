@@ -26,16 +26,17 @@ class LoadedBlock:
     offsets: np.ndarray  # [k] where each shard slot starts in `tokens` (unused for bad slots)
     ids: np.ndarray  # [k] split-wide id of each slot's window 0
 
-    def fill(self, positions: np.ndarray, seq_len: int, inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Write the windows at stream `positions` into rows of `inputs` [m, seq_len] and
-        `labels` [m, n_future, seq_len] (head k's row is the input shifted by k); return window ids [m].
+    def fill(self, positions: np.ndarray, seq_len: int, inputs: np.ndarray, labels: np.ndarray,
+             rows: np.ndarray) -> np.ndarray:
+        """Write the windows at stream `positions` [m] into rows `rows` [m] of `inputs` [mb, seq_len] and
+        `labels` [mb, n_future, seq_len] (head k's row is the input shifted by k); return window ids [m].
 
         Slice-by-slice copies that also widen the dtype: far faster than building one
         [m, seq_len + n_future] tensor and materialising strided views of it.
         """
         slot, index = self.plan.lookup(positions)
         starts = self.offsets[slot] + index * seq_len  # [m]
-        for row, start in enumerate(starts):
+        for row, start in zip(rows.tolist(), starts.tolist()):
             inputs[row] = self.tokens[start : start + seq_len]
             for k in range(labels.shape[1]):
                 labels[row, k] = self.tokens[start + k + 1 : start + k + 1 + seq_len]

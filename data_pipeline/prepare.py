@@ -1,9 +1,16 @@
 """`mtp prepare`: documents -> tokenizer -> token shards + manifest, all or nothing.
 
+The corpus is streamed: files are listed lazily, each is read once from start to
+end by a worker, and every document is assigned to train or val (and, with
+`--part I/N`, to a part) by a stable hash of its identity, so memory does not grow
+with the number of documents. The parent only packs the workers' token arrays into
+samples (a memcpy) and hands full shards to a writer thread.
+
 The output directory is built under a hidden temporary name beside `--out` and
 renamed into place only when every shard and the manifest are written, so a crash
 or a bad input never leaves a half data set, and an existing data set is replaced
-only after the new one is complete (and only with `--overwrite`).
+only after the new one is complete (and only with `--overwrite`). `--part` runs
+write into one shared `--out` instead; see parts.py.
 """
 
 import hashlib
@@ -12,21 +19,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from data_pipeline import tokenize_worker
-from data_pipeline.manifest import MANIFEST_FILE, Manifest
+from data_pipeline.assign import WHOLE, Assigner, PartSpec, parse_part
+from data_pipeline.manifest import Manifest, ShardInfo, write_manifest
 from data_pipeline.progress import Progress, human
-from data_pipeline.rng import permutation
 from data_pipeline.shards import SplitWriter
-from data_pipeline.sources import Corpus, list_documents, read_document
-from data_pipeline.tokenizer import (
-    ByteTokenizer,
-    Tokenizer,
-    load_tokenizer_path,
-    parse_spec,
-    train_bpe,
-)
+from data_pipeline.sources import check_sources, iter_files
+from data_pipeline.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer_path, parse_spec, train_bpe
 from pretrain.errors import UserError
 
 BPE_TRAIN_BYTES = 1 << 28  # BPE learns its merges from at most this much training text
@@ -45,8 +44,9 @@ class PrepareConfig:
     text_key: str = "text"
     overwrite: bool = False
     seed: int = 0
+    part: str | None = None  # "I/N": prepare part I of N into the shared --out
 
-    def validate(self) -> None:
+    def validate(self) -> PartSpec:
         checks = [
             (self.shard_tokens >= 1, "--shard-tokens must be >= 1"),
             (self.sample_tokens >= 1, "--sample-tokens must be >= 1"),
@@ -57,151 +57,224 @@ class PrepareConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        parse_spec(self.tokenizer)
+        kind, _ = parse_spec(self.tokenizer)
+        part = parse_part(self.part) if self.part else WHOLE
+        if part.count > 1 and kind == "bpe":
+            raise UserError(f"--tokenizer {self.tokenizer} with --part: every part would learn its own BPE; "
+                            "train it once (mtp prepare --tokenizer bpe:N on the corpus or a sample of it) and pass "
+                            "that directory or its tokenizer.json as --tokenizer PATH to every part")
+        return part
+
+    def settings(self) -> dict:
+        """What every part of one preparation must share (checked by `mtp data merge`)."""
+        return {"sources": self.sources, "include": self.include, "text_key": self.text_key, "seed": self.seed,
+                "val_fraction": self.val_fraction, "shard_tokens": self.shard_tokens,
+                "sample_tokens": self.sample_tokens}
+
+
+@dataclass
+class BuildStats:
+    """What building one part (or the whole) found; summed over parts by `mtp data merge`."""
+
+    files: int = 0
+    documents: int = 0
+    text_bytes: int = 0
+    replaced_utf8: int = 0  # documents whose invalid UTF-8 became U+FFFD
+    skipped_binary: int = 0
+    tokens: int = 0
+    seconds: float = 0.0  # wall clock of reading, tokenizing, packing and writing
+    tokenize_cpu_seconds: float = 0.0  # CPU time of the tokenizer processes alone
+    parent_cpu_seconds: float = 0.0  # CPU time of the packing and writing process (all its threads)
 
 
 @dataclass
 class PrepareResult:
     out: str
-    manifest: Manifest
-    documents: int
-    source_bytes: int
-    replaced_utf8: int  # documents whose invalid UTF-8 became U+FFFD
-    skipped_binary: int
+    manifest: Manifest  # of the whole data set, or of this part
+    stats: BuildStats
     seconds: float
-    tokenize_seconds: float  # wall clock of tokenizing, packing and writing
-    tokenize_cpu_seconds: float  # CPU time of the tokenizer processes alone
+    part: PartSpec = WHOLE
+    merged: bool = True  # False: a part, and the data set still waits for other parts
 
     @property
     def tokens(self) -> int:
-        return sum(s.tokens for s in self.manifest.shards)
+        return self.stats.tokens
+
+    @property
+    def documents(self) -> int:
+        return self.stats.documents
+
+    @property
+    def source_bytes(self) -> int:
+        return self.stats.text_bytes
 
     def summary(self) -> str:
-        splits = self.manifest.splits
+        splits, st = self.manifest.splits, self.stats
         notes = ""
-        if self.replaced_utf8 or self.skipped_binary:
-            notes = f" ({self.replaced_utf8} documents had invalid UTF-8 replaced, {self.skipped_binary} binary files skipped)"
-        return (
-            f"prepared {self.out}: {self.documents} documents (train {splits['train']['documents']}, "
-            f"val {splits['val']['documents']}), {human(self.tokens)} tokens in {len(self.manifest.shards)} shards, "
-            f"{self.source_bytes / max(self.tokens, 1):.2f} bytes/token, {self.seconds:.1f} s, "
-            f"{human(self.tokens / max(self.tokenize_seconds, 1e-9))} tokens/s{notes}"
+        if st.replaced_utf8 or st.skipped_binary:
+            notes = f" ({st.replaced_utf8} documents had invalid UTF-8 replaced, {st.skipped_binary} binary files skipped)"
+        what = self.out if self.part.count == 1 else f"part {self.part} of {self.out}"
+        line = (
+            f"prepared {what}: {st.documents} documents (train {splits['train']['documents']}, "
+            f"val {splits['val']['documents']}), {human(st.tokens)} tokens in {len(self.manifest.shards)} shards, "
+            f"{st.text_bytes / max(st.tokens, 1):.2f} bytes/token, {self.seconds:.1f} s, "
+            f"{human(st.tokens / max(st.seconds, 1e-9))} tokens/s{notes}"
         )
+        if self.part.count > 1:
+            line += "; all parts done, manifest written" if self.merged else "; `mtp data merge` once every part is done"
+        return line
 
 
 def prepare(cfg: PrepareConfig, progress_stream=None) -> PrepareResult:
-    """Build the data set described by `cfg` at `cfg.out`."""
+    """Build the data set described by `cfg` at `cfg.out` (or, with `cfg.part`, one part of it)."""
+    part = cfg.validate()
+    check_sources(cfg.sources)
+    if part.count > 1:
+        from data_pipeline.parts import prepare_part
+
+        return prepare_part(cfg, part, progress_stream)
     start = time.perf_counter()
-    cfg.validate()
     out = os.path.abspath(cfg.out)
     _check_output(out, cfg.overwrite)
-    corpus = list_documents(cfg.sources, cfg.include)
-    val_docs, train_docs = split_documents(len(corpus.docs), cfg.val_fraction, cfg.seed)
-    tokenizer = build_tokenizer(cfg.tokenizer, corpus, train_docs, cfg.text_key)
+    tokenizer = build_tokenizer(cfg)
     temp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{os.getpid()}")
     os.makedirs(temp)
     try:
-        tokenizer.save(temp)
-        description = {**tokenizer.describe(), "files": _file_hashes(temp)}
-        stats = _tokenize_and_write(cfg, corpus, tokenizer, {"val": val_docs, "train": train_docs}, temp, progress_stream)
-        stats["manifest"] = _write_manifest(cfg, corpus, description, stats.pop("shards"), temp)
+        description = save_tokenizer(tokenizer, temp)
+        shards, stats = build(cfg, tokenizer, temp, WHOLE, progress_stream)
+        manifest = make_manifest(cfg, description, shards, stats, parts=1)
+        check_usable(manifest, cfg.val_fraction, cfg.out)
+        write_manifest(temp, manifest)
         _publish(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    return PrepareResult(out=out, documents=len(corpus.docs), source_bytes=corpus.source_bytes,
-                         skipped_binary=corpus.skipped_binary, seconds=time.perf_counter() - start, **stats)
+    return PrepareResult(out=out, manifest=manifest, stats=stats, seconds=time.perf_counter() - start)
 
 
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded shuffle of the documents; the first share goes to val. Returns (val, train) indices.
+def build(cfg: PrepareConfig, tokenizer: Tokenizer, directory: str, part: PartSpec,
+          progress_stream=None) -> tuple[list[ShardInfo], BuildStats]:
+    """Tokenize the documents `part` owns over `cfg.workers` processes and write both splits' shards."""
+    start, parent_cpu = time.perf_counter(), time.process_time()
+    dtype = token_dtype(tokenizer.vocab_size)
+    tag = part.tag if part.count > 1 else ""
+    writers = {split: SplitWriter(directory, split, dtype, cfg.shard_tokens, cfg.sample_tokens, tokenizer.eod_id, tag)
+               for split in ("train", "val")}
+    init = tokenize_worker.WorkerInit(tokenizer.describe(), _hf_json(tokenizer), cfg.text_key, dtype, cfg.seed,
+                                      cfg.val_fraction, part)
+    stats = BuildStats()
+    progress = Progress("prepare" if part.count == 1 else f"prepare part {part}", stream=progress_stream)
+    try:
+        for chunk in tokenize_worker.run(init, tokenize_worker.units(_counted(cfg, stats)), cfg.workers):
+            for split, tokens in chunk.tokens.items():
+                writers[split].add(tokens)
+                stats.tokens += len(tokens)
+            stats.documents += sum(chunk.documents.values())
+            stats.text_bytes += chunk.text_bytes
+            stats.replaced_utf8 += chunk.replaced
+            stats.skipped_binary += chunk.binary
+            stats.tokenize_cpu_seconds += chunk.cpu_seconds
+            progress.update(stats.documents, stats.tokens)
+        shards = [s for split in ("train", "val") for s in writers[split].close()]
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    progress.close()
+    stats.seconds = time.perf_counter() - start
+    stats.parent_cpu_seconds = time.process_time() - parent_cpu
+    return shards, stats
 
-    The shuffled order is also the order documents are packed in, so each shard
-    mixes files from all over the corpus instead of one directory.
-    """
-    order = permutation(n_docs, seed)
-    n_val = max(1, round(val_fraction * n_docs)) if val_fraction > 0 else 0
-    if n_val >= n_docs:
-        raise UserError(f"--val-fraction {val_fraction} leaves no training document out of {n_docs}; lower it or add data")
-    return order[:n_val], order[n_val:]
+
+def _counted(cfg: PrepareConfig, stats: BuildStats):
+    for file in iter_files(cfg.sources, cfg.include):
+        stats.files += 1
+        yield file
 
 
-def build_tokenizer(spec: str, corpus: Corpus, train_docs: np.ndarray, text_key: str) -> Tokenizer:
-    kind, arg = parse_spec(spec)
+def make_manifest(cfg: PrepareConfig, tokenizer_description: dict, shards: list[ShardInfo], stats: BuildStats,
+                  parts: int) -> Manifest:
+    manifest = Manifest(
+        tokenizer=tokenizer_description,
+        dtype=token_dtype(tokenizer_description["vocab_size"]),
+        shards=shards,
+        source={"description": " ".join(cfg.sources), "files": stats.files, "documents": stats.documents,
+                "bytes": stats.text_bytes, "settings": cfg.settings()},
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        shard_tokens=cfg.shard_tokens,
+        sample_tokens=min(cfg.sample_tokens, cfg.shard_tokens),
+        parts=parts,
+    )
+    manifest.finalize()
+    return manifest
+
+
+def check_usable(manifest: Manifest, val_fraction: float, out: str) -> None:
+    """A data set the trainer can use: documents in train, and in val unless none were asked for."""
+    splits = manifest.splits
+    if splits["train"]["documents"] + splits["val"]["documents"] == 0:
+        raise UserError(f"no documents found for --out {out}; check the --source paths and --include globs")
+    if splits["train"]["documents"] == 0:
+        raise UserError(f"every document of --out {out} fell into val; lower --val-fraction or add data")
+    if val_fraction > 0 and splits["val"]["documents"] == 0:
+        raise UserError(
+            f"no document of the {splits['train']['documents']} fell into val (each goes there with probability "
+            f"--val-fraction {val_fraction}, by a hash of its name); raise --val-fraction, try another --seed or add data"
+        )
+
+
+def build_tokenizer(cfg: PrepareConfig) -> Tokenizer:
+    kind, arg = parse_spec(cfg.tokenizer)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "file":
         return load_tokenizer_path(arg)
-    return train_bpe(_training_texts(corpus, train_docs, text_key), arg)
+    return train_bpe(_training_texts(cfg), arg)
 
 
-def _training_texts(corpus: Corpus, train_docs: np.ndarray, text_key: str):
+class _TrainSample:
+    """An assigner that keeps a stable `rate` share of the training documents (for BPE)."""
+
+    def __init__(self, cfg: PrepareConfig, rate: float):
+        self.assigner = Assigner(cfg.seed, cfg.val_fraction)
+        self.rate = rate
+
+    def split_of(self, identity: str) -> str | None:
+        if self.assigner.split_of(identity) != "train" or not self.assigner.sampled(identity, self.rate):
+            return None
+        return "train"
+
+
+def _training_texts(cfg: PrepareConfig):
+    """At most BPE_TRAIN_BYTES of training text, sampled from all over the corpus by hash."""
+    listed = sum(f.size for f in iter_files(cfg.sources, cfg.include))
+    sample = _TrainSample(cfg, min(1.0, BPE_TRAIN_BYTES / max(listed, 1)))
     budget = BPE_TRAIN_BYTES
-    for i in train_docs:
-        doc = corpus.docs[i]
-        if budget <= 0:
-            return
-        budget -= doc.end - doc.start
-        yield read_document(corpus.paths[doc.file], doc, text_key)[0]
+    stats = tokenize_worker.DocStats()
+    for file in iter_files(cfg.sources, cfg.include):
+        for _, text in tokenize_worker.file_documents(file, sample, cfg.text_key, stats):
+            if budget <= 0:
+                return
+            budget -= len(text)
+            yield text
 
 
 def token_dtype(vocab_size: int) -> str:
     return "<u2" if vocab_size <= 1 << 16 else "<u4"
 
 
-def _tokenize_and_write(cfg, corpus, tokenizer, split_docs, temp, progress_stream) -> dict:
-    """Tokenize every document over `cfg.workers` processes and pack the ids into each split's shards."""
-    start = time.perf_counter()
-    dtype = token_dtype(tokenizer.vocab_size)
-    eod = np.array([tokenizer.eod_id], dtype=dtype)
-    writers = {split: SplitWriter(temp, split, dtype, cfg.shard_tokens, cfg.sample_tokens, tokenizer.eod_id)
-               for split in split_docs}
-    tasks = [(split, batch) for split, docs in split_docs.items()
-             for batch in tokenize_worker.batches([corpus.docs[i] for i in docs])]
-    init = tokenize_worker.WorkerInit(tokenizer.describe(), _hf_json(tokenizer), corpus.paths, cfg.text_key, dtype)
-    results = tokenize_worker.run(init, [batch for _, batch in tasks], cfg.workers)
-    progress = Progress("prepare", len(corpus.docs), stream=progress_stream)
-    done_docs = done_tokens = replaced = 0
-    cpu = 0.0
-    for (split, _), (arrays, n_replaced, cpu_seconds) in zip(tasks, results):
-        for tokens in arrays:
-            writers[split].add(np.concatenate([tokens, eod]))
-            done_tokens += len(tokens) + 1
-        done_docs += len(arrays)
-        replaced += n_replaced
-        cpu += cpu_seconds
-        progress.update(done_docs, done_tokens)
-    progress.close()
-    shards = [s for split in ("train", "val") for s in writers[split].close()]
-    return {"shards": shards, "replaced_utf8": replaced, "tokenize_seconds": time.perf_counter() - start,
-            "tokenize_cpu_seconds": cpu}
+def save_tokenizer(tokenizer: Tokenizer, directory: str) -> dict:
+    """Write the tokenizer files into `directory`; its description with their sha256 (for the manifest)."""
+    tokenizer.save(directory)
+    return {**tokenizer.describe(), "files": file_hashes(directory)}
 
 
 def _hf_json(tokenizer: Tokenizer) -> str | None:
     return tokenizer.to_json() if hasattr(tokenizer, "to_json") else None
 
 
-def _write_manifest(cfg, corpus, tokenizer_description: dict, shards, temp) -> Manifest:
-    manifest = Manifest(
-        tokenizer=tokenizer_description,
-        dtype=token_dtype(tokenizer_description["vocab_size"]),
-        shards=shards,
-        source={"description": corpus.description, "files": len(corpus.paths),
-                "documents": len(corpus.docs), "bytes": corpus.source_bytes},
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        shard_tokens=cfg.shard_tokens,
-        sample_tokens=cfg.sample_tokens,
-    )
-    manifest.finalize()
-    path = os.path.join(temp, MANIFEST_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(manifest.to_json())
-    os.replace(path + ".tmp", path)
-    return manifest
-
-
-def _file_hashes(directory: str) -> dict[str, str]:
+def file_hashes(directory: str) -> dict[str, str]:
     """sha256 of every file in `directory` (called when it holds only the tokenizer)."""
     hashes = {}
     for name in sorted(os.listdir(directory)):

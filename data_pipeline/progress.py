@@ -13,33 +13,32 @@ def human(n: float) -> str:
 
 
 class Progress:
-    """Reports documents and tokens done; at most every `every` seconds (30 s when not a TTY)."""
+    """Reports documents and tokens done; at most every `every` seconds (30 s when not a TTY), and once at the end.
 
-    def __init__(self, label: str, total_docs: int, stream=None, every: float | None = None):
+    The corpus is streamed, so there is no total to count down from.
+    """
+
+    def __init__(self, label: str, stream=None, every: float | None = None):
         self.label = label
-        self.total = total_docs
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = every if every is not None else (0.5 if self.tty else 30.0)
         self.start = time.perf_counter()
         self.last = self.start
-        self.printed_tty_line = False
+        self.docs = self.tokens = 0
 
     def update(self, docs: int, tokens: int) -> None:
+        self.docs, self.tokens = docs, tokens
         now = time.perf_counter()
-        if now - self.last < self.every and docs < self.total:
-            return
-        self.last = now
-        rate = tokens / max(now - self.start, 1e-9)
-        line = f"{self.label}: {docs}/{self.total} documents, {human(tokens)} tokens, {human(rate)} tokens/s"
-        if self.tty:
-            self.stream.write("\r" + line)
-            self.printed_tty_line = True
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        if now - self.last >= self.every:
+            self.last = now
+            self._print(end="")
 
     def close(self) -> None:
-        if self.printed_tty_line:
-            self.stream.write("\n")
-            self.stream.flush()
+        self._print(end="\n" if self.tty else "")
+
+    def _print(self, end: str) -> None:
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        line = f"{self.label}: {self.docs} documents, {human(self.tokens)} tokens, {human(rate)} tokens/s"
+        self.stream.write(("\r" + line + end) if self.tty else line + "\n")
+        self.stream.flush()

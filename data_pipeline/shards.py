@@ -2,8 +2,9 @@
 
 A sample is `{"__key__": "000042", "tokens.npy": <1-D little-endian uint16/uint32>}`,
 so `webdataset.WebDataset(url).decode()` reads it with no project code. Shards are
-written under a temporary name and renamed, with a fixed mtime so the same input
-gives byte-identical shards (and the same fingerprint). Reading checks every byte
+written (with the standard library's tarfile, exactly as webdataset's TarWriter
+writes them) under a temporary name and renamed, with a fixed mtime so the same
+input gives byte-identical shards (and the same fingerprint). Reading checks every byte
 against the manifest's sha256 while streaming, so the loader never trains on a
 corrupt shard.
 """
@@ -11,6 +12,8 @@ corrupt shard.
 import hashlib
 import io
 import os
+import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -50,12 +53,18 @@ class SplitWriter:
     """Packs documents (already ending in eod) into fixed-size samples and shards for one split.
 
     Documents run across sample and shard boundaries: the token stream of a split
-    is one continuous packed sequence, cut every `sample_tokens` tokens.
+    is one continuous packed sequence, cut every `sample_tokens` tokens. A full
+    shard is handed to a writer thread (tar encoding, sha256, fsync release the
+    GIL), so packing goes on while it is written; at most `MAX_PENDING` shards wait.
     """
 
-    def __init__(self, out_dir: str, split: str, dtype: str, shard_tokens: int, sample_tokens: int, eod_id: int):
+    MAX_PENDING = 1
+
+    def __init__(self, out_dir: str, split: str, dtype: str, shard_tokens: int, sample_tokens: int, eod_id: int,
+                 tag: str = ""):
         self.out_dir = out_dir
         self.split = split
+        self.tag = tag  # "" or a part's mark, so parts never write the same name
         self.dtype = np.dtype(dtype)
         self.sample_tokens = min(sample_tokens, shard_tokens)
         self.samples_per_shard = max(1, shard_tokens // self.sample_tokens)
@@ -63,14 +72,15 @@ class SplitWriter:
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shard_samples: list[np.ndarray] = []
-        self.shards: list[ShardInfo] = []
+        self.written: list[Future] = []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"shard-writer-{split}")
 
     def add(self, tokens: np.ndarray) -> None:
         self.pending.append(tokens)
         self.pending_tokens += len(tokens)
         if self.pending_tokens < self.sample_tokens:
             return
-        run = np.concatenate(self.pending)  # [pending_tokens]
+        run = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]  # [pending_tokens]
         full = len(run) // self.sample_tokens * self.sample_tokens
         for start in range(0, full, self.sample_tokens):
             self._add_sample(run[start : start + self.sample_tokens])
@@ -78,13 +88,19 @@ class SplitWriter:
         self.pending, self.pending_tokens = ([rest] if len(rest) else []), len(rest)
 
     def close(self) -> list[ShardInfo]:
-        """Flush the partial last sample and shard; return what was written."""
+        """Flush the partial last sample and shard; return what was written, in order."""
         if self.pending_tokens:
             self._add_sample(np.concatenate(self.pending))
             self.pending, self.pending_tokens = [], 0
         if self.shard_samples:
             self._write_shard()
-        return self.shards
+        try:
+            return [f.result() for f in self.written]
+        finally:
+            self.pool.shutdown()
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _add_sample(self, sample: np.ndarray) -> None:
         self.shard_samples.append(sample)
@@ -92,23 +108,25 @@ class SplitWriter:
             self._write_shard()
 
     def _write_shard(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self.shards.append(write_shard(self.out_dir, name, self.split, self.shard_samples, self.dtype, self.eod_id))
+        name = f"{self.split}-{self.tag + '-' if self.tag else ''}{len(self.written):06d}.tar"
+        unfinished = [f for f in self.written if not f.done()]
+        if len(unfinished) >= self.MAX_PENDING:
+            unfinished[0].result()  # bounded memory: wait for the oldest
+        self.written.append(self.pool.submit(write_shard, self.out_dir, name, self.split, self.shard_samples,
+                                             self.dtype, self.eod_id, self.sample_tokens))
         self.shard_samples = []
 
 
-def write_shard(out_dir: str, name: str, split: str, samples: list[np.ndarray], dtype: np.dtype, eod_id: int) -> ShardInfo:
+def write_shard(out_dir: str, name: str, split: str, samples: list[np.ndarray], dtype: np.dtype, eod_id: int,
+                sample_size: int) -> ShardInfo:
     """Write one tar atomically (temp name, fsync, rename) and describe it."""
-    import webdataset
-
     final = os.path.join(out_dir, name)
     temp = final + ".tmp"
     with open(temp, "wb") as raw:
         hashed = _HashingFile(raw)
-        writer = webdataset.TarWriter(hashed, mtime=0, user="mtp", group="mtp")
-        for index, sample in enumerate(samples):
-            writer.write({"__key__": f"{index:06d}", SAMPLE_KEY: sample.astype(dtype, copy=False)})
-        writer.close()
+        with tarfile.open(fileobj=hashed, mode="w|") as tar:
+            for index, sample in enumerate(samples):
+                _add_member(tar, f"{index:06d}.{SAMPLE_KEY}", _npy_bytes(sample.astype(dtype, copy=False)))
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(temp, final)
@@ -116,11 +134,29 @@ def write_shard(out_dir: str, name: str, split: str, samples: list[np.ndarray], 
         name=name,
         split=split,
         samples=len(samples),
-        sample_tokens=[len(s) for s in samples],
+        tokens=sum(len(s) for s in samples),
         documents=int(sum(np.count_nonzero(s == eod_id) for s in samples)),
         sha256=hashed.sha.hexdigest(),
         bytes=hashed.nbytes,
+        sample_size=sample_size,
     )
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member as webdataset's TarWriter(mtime=0, user="mtp", group="mtp") writes it, byte for byte.
+
+    The standard library's tarfile, not webdataset's writer: importing webdataset
+    imports torch (seconds), which `mtp prepare` otherwise never needs.
+    """
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "mtp", "mtp"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    stream = io.BytesIO()
+    np.lib.format.write_array(stream, array)
+    return stream.getvalue()
 
 
 def read_shard(location: str, shard: ShardInfo, dtype: str) -> np.ndarray:

@@ -1,41 +1,39 @@
-"""Turn `--source` arguments into a sorted list of documents, and read one back.
+"""`--source` arguments as a stream of files, and the documents each file holds.
 
-A document is a whole text file, or one line of a JSONL file. Listing only records
-where each document lies (file, byte range), so worker processes read and tokenize
-the documents themselves and the parent never holds the corpus in memory.
+Nothing here holds the corpus or a list of its documents: directories are walked
+lazily in sorted order, so memory is that of one directory listing, and each file
+is read from start to end by the worker that tokenizes it (see formats.py for the
+record formats). A document has a stable identity, the name of the file relative
+to its `--source` root (plus the record number inside a file of records), which
+decides its train/val split and, for `mtp prepare --part`, the part that owns it
+(see assign.py): the same corpus gives the same assignment on every machine,
+whatever the mount point or the number of workers.
 """
 
 import fnmatch
-import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from data_pipeline.formats import record_format
 from pretrain.errors import UserError
 
 STDLIB = "stdlib"
-JSONL_SUFFIX = ".jsonl"
 BINARY_PROBE_BYTES = 8192
+SKIPPED_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
 
 @dataclass(frozen=True)
-class DocRef:
-    file: int  # index into Corpus.paths
-    start: int  # byte range of the document in that file
-    end: int
-    line: int  # 1-based line number for JSONL documents, 0 for whole files
-
-
-@dataclass
-class Corpus:
-    paths: list[str]
-    docs: list[DocRef]
-    description: str
-    skipped_binary: int  # files left out because they look binary
+class SourceFile:
+    path: str  # absolute path
+    identity: str  # "<source root name>/<path relative to it>": stable across machines
+    size: int  # bytes on disk (compressed size for .gz/.zst/.parquet)
 
     @property
-    def source_bytes(self) -> int:
-        return sum(d.end - d.start for d in self.docs)
+    def records(self) -> bool:
+        """True for a file of records (JSONL, Parquet), False for a one-document text file."""
+        return record_format(self.path) is not None
 
 
 def stdlib_root() -> str:
@@ -44,89 +42,74 @@ def stdlib_root() -> str:
 
 def stdlib_files() -> list[str]:
     """The `.py` files of the running interpreter's standard library, tests included, site-packages excluded."""
-    root = stdlib_root()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
-    return sorted(found)
+    return [f.path for f in _walk(stdlib_root(), STDLIB, ["*.py"], skip=SKIPPED_DIRS)]
 
 
-def list_documents(sources: list[str], include: list[str] | None) -> Corpus:
-    """Every document of every source, in a deterministic (sorted) order."""
-    paths: list[str] = []
-    skipped = 0
+def check_sources(sources: list[str]) -> None:
+    """Every source exists and none lies inside another (its documents would be read twice)."""
+    roots = []
     for source in sources:
         if source == STDLIB:
-            paths.extend(stdlib_files())
-        elif os.path.isdir(source):
-            files, binary = _directory_files(source, include or ["*"])
-            paths.extend(files)
-            skipped += binary
-        elif os.path.isfile(source):
-            paths.append(source)
+            roots.append((source, os.path.realpath(stdlib_root())))
+        elif os.path.exists(source):
+            roots.append((source, os.path.realpath(source)))
         else:
             raise UserError(f"--source {source}: no such file or directory (or use --source stdlib)")
-    paths = sorted(set(os.path.abspath(p) for p in paths))
-    docs = [doc for i, path in enumerate(paths) for doc in _file_documents(i, path)]
-    if not docs:
-        raise UserError(f"no documents found in --source {' '.join(sources)}; check the paths and --include globs")
-    return Corpus(paths=paths, docs=docs, description=" ".join(sources), skipped_binary=skipped)
+    for i, (name_a, a) in enumerate(roots):
+        for name_b, b in roots[i + 1 :]:
+            if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+                raise UserError(f"--source {name_a} and {name_b} overlap: their documents would be read twice; "
+                                "pass each file or directory once")
 
 
-def _directory_files(root: str, include: list[str]) -> tuple[list[str], int]:
-    """Files under `root` matching any glob (by relative path or name); hidden entries and binaries skipped."""
-    files, binary = [], 0
+def iter_files(sources: list[str], include: list[str] | None) -> Iterator[SourceFile]:
+    """Every non-empty file of every source, sources in the given order, each walked in sorted order."""
+    for source in sources:
+        if source == STDLIB:
+            yield from _walk(stdlib_root(), STDLIB, ["*.py"], skip=SKIPPED_DIRS)
+        elif os.path.isdir(source):
+            yield from _walk(source, _root_name(source), include or ["*"])
+        else:
+            size = os.path.getsize(source)
+            if size:
+                yield SourceFile(os.path.abspath(source), os.path.basename(source), size)
+
+
+def _root_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(os.path.abspath(path)))
+
+
+def _walk(root: str, name: str, include: list[str], skip: tuple[str, ...] = ()) -> Iterator[SourceFile]:
+    """Files under `root` matching a glob (by relative path or name); hidden entries skipped."""
+    root = os.path.abspath(root)
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip)
+        for file_name in sorted(filenames):
+            path = os.path.join(dirpath, file_name)
             rel = os.path.relpath(path, root)
-            if name.startswith(".") or not any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(name, g) for g in include):
+            if file_name.startswith(".") or not any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(file_name, g)
+                                                    for g in include):
                 continue
-            if _looks_binary(path):
-                binary += 1
-                continue
-            files.append(path)
-    return files, binary
+            size = os.path.getsize(path)
+            if size:
+                yield SourceFile(path, f"{name}/{rel}", size)
 
 
-def _looks_binary(path: str) -> bool:
+def record_prefix(file: SourceFile) -> str:
+    """Record i of a file of records is `f"{record_prefix(file)}:{i}"`: the file's identity without the
+    format's suffix, so re-compressing a corpus (`.jsonl` to `.jsonl.zst`) or converting it to Parquet
+    keeps its split."""
+    kind = record_format(file.identity)
+    return file.identity[: -len(kind) - 1]
+
+
+def read_whole(path: str) -> tuple[str, bool] | None:
+    """A one-document file's text and whether invalid UTF-8 became U+FFFD; None if it looks binary."""
     with open(path, "rb") as f:
-        return b"\0" in f.read(BINARY_PROBE_BYTES)
-
-
-def _file_documents(index: int, path: str) -> list[DocRef]:
-    if not path.endswith(JSONL_SUFFIX):
-        size = os.path.getsize(path)
-        return [DocRef(index, 0, size, 0)] if size else []
-    docs, offset = [], 0
-    with open(path, "rb") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                docs.append(DocRef(index, offset, offset + len(line), line_no))
-            offset += len(line)
-    return docs
-
-
-def read_document(path: str, doc: DocRef, text_key: str) -> tuple[str, bool]:
-    """The text of one document and whether invalid UTF-8 had to be replaced (U+FFFD)."""
-    with open(path, "rb") as f:
-        f.seek(doc.start)
-        raw = f.read(doc.end - doc.start)
-    if doc.line:
-        return _jsonl_text(raw, path, doc.line, text_key), False
+        raw = f.read()
+    if b"\0" in raw[:BINARY_PROBE_BYTES]:
+        return None
     try:
         return raw.decode("utf-8"), False
     except UnicodeDecodeError:
         return raw.decode("utf-8", errors="replace"), True
-
-
-def _jsonl_text(raw: bytes, path: str, line: int, text_key: str) -> str:
-    try:
-        obj = json.loads(raw)
-    except ValueError as err:
-        raise UserError(f"{path}:{line}: not valid JSON ({err}); fix the line or drop the file from --source") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-        raise UserError(f"{path}:{line}: no string field {text_key!r}; pass --text-key NAME for the field holding the text")
-    return obj[text_key]

@@ -53,6 +53,11 @@ class Tokenizer(ABC):
         """`encode` as a numpy array of `dtype`; subclasses override with a faster path."""
         return np.asarray(self.encode(text), dtype=dtype)
 
+    def encode_joined(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        """The documents' ids, each document followed by the eod id, as one array of `dtype`."""
+        eod = np.array([self.eod_id], dtype=dtype)
+        return np.concatenate([a for text in texts for a in (self.encode_array(text, dtype), eod)])
+
 
 class ByteTokenizer(Tokenizer):
     """Ids 0..255 are the UTF-8 bytes of the text; 256 ends a document, 257 pads.
@@ -70,6 +75,13 @@ class ByteTokenizer(Tokenizer):
 
     def encode_array(self, text: str, dtype: np.dtype) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
+
+    def encode_joined(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        """One encode and one insert for the whole batch: the per-document cost is a UTF-8 encode."""
+        encoded = [text.encode("utf-8") for text in texts]
+        ends = np.cumsum([len(b) for b in encoded])  # [docs]
+        ids = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(dtype)  # [bytes]
+        return np.insert(ids, ends, np.array(self.eod_id, dtype=dtype))
 
     def decode(self, ids: Iterable[int]) -> str:
         data = bytes(i for i in ids if 0 <= i < 256)
@@ -103,6 +115,10 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_joined(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        eod = np.array([self.eod_id], dtype=dtype)
+        return np.concatenate([a for ids in self.encode_batch(texts) for a in (np.asarray(ids, dtype=dtype), eod)])
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)

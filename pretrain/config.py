@@ -26,8 +26,18 @@ BAD_SHARD_POLICIES = ("error", "skip")
 
 
 @dataclass
+class SourceConfig:
+    """One prepared data set of a weighted mixture (`data.sources`)."""
+
+    dir: str  # a directory `mtp prepare` wrote (or a URL prefix)
+    weight: float = 1.0  # relative share of the stream positions; the weights need not sum to 1
+    name: str | None = None  # the source's name in metrics (tokens/NAME, val_loss/NAME); None = last part of dir
+
+
+@dataclass
 class DataConfig:
     dir: str = "runs/data/stdlib-byte"  # where `mtp prepare --source stdlib --tokenizer byte` writes
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture; when given, `dir` is not used
     num_workers: int = 0  # loader threads per rank (shard reads, batch building); 0 reads in the training thread
     on_bad_shard: str = "error"  # "skip" logs and moves on instead of stopping the run
     seed: int = 1234  # the sample order is a pure function of this seed
@@ -231,6 +241,21 @@ def _build_section(name: str, cls: type, values: dict, source: str) -> Any:
     return cls(**kwargs)
 
 
+def _build_entry(value: Any, cls: type, key: str) -> Any:
+    """A mapping inside a section (an entry of `data.sources`) as its dataclass; names its missing keys."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        fields = ", ".join(f"{f.name}: ..." for f in dataclasses.fields(cls))
+        raise UserError(f"{key} must be a mapping like {{{fields}}}, got {value!r}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in value]
+    if missing:
+        raise UserError(f"{key}.{missing[0]} is required")
+    return _build_section(key, cls, value, "the config")
+
+
 def _suggest(name: str, choices, prefix: str = "") -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     if close:
@@ -282,6 +307,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise _type_error(key, tp, value)
         item = typing.get_args(tp)[0]
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build_entry(value, tp, key)
     if tp not in _TYPE_NAMES:  # a type a section added later (dict, tuple, ...): accept it as is
         if isinstance(value, typing.get_origin(tp) or tp):
             return value
@@ -331,6 +358,10 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
     from parallel.topology import check_parallel  # torch-free; lives with the layout code it mirrors
 
     check_parallel(cfg, cfg.parallel.layers_per_stage)
+    if cfg.data.sources:
+        from data_pipeline.mixture import check_weights  # torch-free
+
+        check_weights([s.weight for s in cfg.data.sources])
     return layout
 
 
@@ -410,13 +441,11 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
 
 
 def check_data_dir(cfg: RunConfig) -> None:
-    """Fail early, with the command that fixes it, when the prepared data is missing."""
-    manifest = Path(cfg.data.dir) / "manifest.json"
-    if not manifest.is_file():
-        raise UserError(
-            f"no prepared data at data.dir={cfg.data.dir} ({manifest} is missing); run "
-            f"`mtp prepare --source stdlib --tokenizer byte --out {cfg.data.dir}` or point data.dir at prepared shards"
-        )
+    """Fail early, with the command that fixes it, when prepared data is missing or unusable:
+    every source prepared, one tokenizer for all, positive weights, a window in each split."""
+    from data_pipeline.feed import check_sources  # torch-free
+
+    check_sources(cfg.data, cfg.train.seq_len, cfg.model.n_future)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

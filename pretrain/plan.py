@@ -74,7 +74,9 @@ def _fill_vocab(cfg) -> None:
     """The planner needs the vocabulary size: from the config, else from the prepared data's tokenizer."""
     if cfg.model.vocab_size is not None:
         return
-    info = os.path.join(cfg.data.dir, "tokenizer_info.json")
+    from data_pipeline.feed import tokenizer_location
+
+    info = os.path.join(tokenizer_location(cfg.data), "tokenizer_info.json")
     if not os.path.isfile(info):
         raise UserError(f"model.vocab_size is not set and {info} does not exist; set model.vocab_size=N")
     with open(info) as f:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 import torch.distributed as dist
 
+from data_pipeline.feed import source_metrics, source_specs, tokenizer_location, validation_metrics, weighted_validation
 from data_pipeline.tokenizer import load_tokenizer
 from parallel.runtime import Runtime
 from parallel.runtime import start as start_runtime
@@ -40,7 +41,7 @@ class Trainer:
         self.cfg = cfg
         self.runtime = runtime
         self.place = runtime.place
-        self.tokenizer = load_tokenizer(cfg.data.dir)
+        self.tokenizer = load_tokenizer(tokenizer_location(cfg.data))
         self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
         self.found = self._newest_checkpoint()  # decided before the model: a fresh run may start pretrained
         self.steps = Steps.open(cfg, runtime, self._pretrained())
@@ -53,18 +54,15 @@ class Trainer:
         self.tokens = 0
         self.run_id: str | None = None
         self.last_val: list[float] | None = None
+        self.val_by_source: dict[str, list[float]] = {}  # every head's validation loss, per data source
         self.skipped_in_row = 0  # consecutive optimizer steps skipped for a NaN/inf loss or gradient
 
-    def _loader(self, split: str):
-        from data_pipeline.loader import StreamingLoader
+    def _loader(self, split: str, source: str | None = None):
+        from data_pipeline.feed import open_loader
 
         cfg = self.cfg
-        return StreamingLoader(
-            cfg.data.dir, split, cfg.train.seq_len, cfg.model.n_future,
-            cfg.train.micro_batch_size, cfg.train.global_batch_size,
-            dp_rank=self.place.dp_rank, dp_size=self.place.dp_size, seed=cfg.data.seed,
-            num_workers=cfg.data.num_workers, on_bad_shard=cfg.data.on_bad_shard,
-        )
+        return open_loader(cfg.data, split, cfg.train.seq_len, cfg.model.n_future, cfg.train.micro_batch_size,
+                           cfg.train.global_batch_size, self.place.dp_rank, self.place.dp_size, source=source)
 
     @property
     def is_main(self) -> bool:
@@ -118,8 +116,17 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------
 
     def evaluate(self) -> list[float]:
-        """Every head's mean loss on the first `eval_steps` validation micro-batches (dp mean)."""
-        batches = iter(self._loader("val")) if self.place.feeds_data else None
+        """Every head's validation loss, weighted over the data sources; per source in `val_by_source`."""
+        self.val_by_source = {s.name: self._evaluate_source(s.name) for s in source_specs(self.cfg.data)}
+        return weighted_validation(self.cfg.data, self.val_by_source)
+
+    def _evaluate_source(self, source: str) -> list[float]:
+        """Every head's mean loss on the first `eval_steps` validation micro-batches of `source` (dp mean).
+
+        Every rank loops over the same sources, so pipeline stages without a
+        loader take part in each source's evaluation in step.
+        """
+        batches = iter(self._loader("val", source)) if self.place.feeds_data else None
         return self.steps.eval_step(batches, self.cfg.train.eval_steps, self.step).tolist()
 
     # ---- checkpoints ----------------------------------------------------------
@@ -233,6 +240,7 @@ class Trainer:
             val = self.last_val = self.evaluate()
             pending.extra.update({f"val_loss_head{k}": v for k, v in enumerate(val, start=1)})
             pending.extra["val_loss"] = sum(val) / len(val)
+            pending.extra.update(validation_metrics(self.val_by_source))
             self._print(f"eval step {self.step} | val heads " + " ".join(f"{v:.3f}" for v in val))
 
     def _summary(self, val: list[float]) -> list[str]:
@@ -250,6 +258,8 @@ class Trainer:
         """
         extra = {"skipped_steps": float(self.steps.skipped_steps), "step_s": step_s,
                  "data_wait_s": result.data_wait_s}
+        if self.loader is not None:
+            extra.update(source_metrics(self.loader))  # tokens consumed per data source
         peak = self.runtime.peak_memory_bytes()
         if peak is not None:
             extra["peak_memory_gb"] = peak / 2**30
@@ -302,7 +312,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
-    tokenizer = load_tokenizer(cfg.data.dir)
+    tokenizer = load_tokenizer(tokenizer_location(cfg.data))
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     runtime = start_runtime(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dtype, cfg.fault.collective_timeout_s,

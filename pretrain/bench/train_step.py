@@ -148,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _vocab_from_data(cfg, load_tokenizer) -> int:
     try:
-        return load_tokenizer(cfg.data.dir).vocab_size
+        from data_pipeline.feed import tokenizer_location
+
+        return load_tokenizer(tokenizer_location(cfg.data)).vocab_size
     except UserError:
         raise UserError(
             f"model.vocab_size is null and no prepared data is at data.dir={cfg.data.dir}; "

@@ -1,9 +1,9 @@
 """Prompts from code the model never trained on: the held-out split of the standard-library corpus.
 
 The split is the one `mtp prepare --source stdlib` holds out with its
-default settings (the same seeded shuffle of the running interpreter's
-stdlib files, the same validation fraction), recomputed here so that a
-benchmark or a demo needs only the model file, not the prepared data.
+default settings (the same hash of each stdlib file's name with the default
+seed and validation fraction), recomputed here so that a benchmark or a demo
+needs only the model file, not the prepared data.
 """
 
 import ast
@@ -16,15 +16,15 @@ MIN_BODY_LINES = 3  # functions with shorter bodies make dull demos
 
 
 def heldout_documents() -> list[str]:
-    """Texts of the held-out stdlib documents, in the split's (seeded) order."""
-    from data_pipeline.prepare import PrepareConfig, split_documents
-    from data_pipeline.sources import STDLIB, list_documents, read_document
+    """Texts of the held-out stdlib documents, in file order."""
+    from data_pipeline.assign import Assigner
+    from data_pipeline.prepare import PrepareConfig
+    from data_pipeline.sources import STDLIB, iter_files, read_whole
 
     defaults = PrepareConfig(out="")
-    corpus = list_documents([STDLIB], None)
-    val, _train = split_documents(len(corpus.docs), defaults.val_fraction, defaults.seed)
-    docs = (corpus.docs[int(i)] for i in val)
-    return [read_document(corpus.paths[d.file], d, defaults.text_key)[0] for d in docs]
+    assigner = Assigner(defaults.seed, defaults.val_fraction)
+    files = (f for f in iter_files([STDLIB], None) if assigner.split_of(f.identity) == "val")
+    return [text for text, _ in filter(None, (read_whole(f.path) for f in files))]
 
 
 def benchmark_prompts(tokenizer, count: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:

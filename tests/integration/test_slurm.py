@@ -10,12 +10,14 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.manifest import load_manifest
 from tests.integration import slurm_cluster
 from tests.integration.conftest import REPO, mtp_env, run_mtp
 from tests.integration.slurm_cluster import ClusterError, SlurmCluster, missing_tools
@@ -225,3 +227,35 @@ def test_a_daemon_that_fails_to_start_shows_its_log(monkeypatch):
         SlurmCluster.start(timeout=60)
     assert "slurmctld exited" in str(failure.value)
     assert "NoSuchOption" in str(failure.value), "the error must carry the daemon's log tail"
+
+
+def test_prepare_array_job_of_three_tasks_equals_one_prepare(cluster, tmp_path):
+    """slurm/prepare.sbatch as an array of 3 tasks: parts in one --out, merged by the last task."""
+    from tests.integration.test_data_cli import _prepare_args, _shard_documents
+
+    whole, out = str(tmp_path / "whole"), str(tmp_path / "parts")
+    run_mtp(*_prepare_args(whole))
+    submitted = cluster.run("sbatch", "--parsable", "--array=0-2", f"--output={tmp_path}/prepare-%A_%a.out",
+                            f"--chdir={REPO}", f"--export=ALL,MTP_PYTHON={sys.executable}",
+                            str(REPO / "slurm" / "prepare.sbatch"), *_prepare_args(out)[1:])
+    job = int(submitted.stdout.strip().split(";")[0])
+    states = wait_array(cluster, job, tasks=3)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("prepare-*.out")))
+    assert states == ["COMPLETED"] * 3, logs
+    assert [f"part {i}/3" in logs for i in range(3)] == [True] * 3, logs
+    assert "all parts done, manifest written" in logs, logs
+    assert _shard_documents(out) == _shard_documents(whole)
+    assert load_manifest(out).parts == 3
+
+
+def wait_array(cluster: SlurmCluster, job: int, tasks: int, timeout: float = JOB_TIMEOUT) -> list[str]:
+    """The final JobState of every task of array job `job`, once all have one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = cluster.run("scontrol", "show", "job", "-o", str(job)).stdout.splitlines()
+        states = [dict(re.findall(r"(\w+)=(\S*)", line)).get("JobState") for line in lines if line.strip()]
+        if len(states) == tasks and all(s in slurm_cluster.FINAL_STATES for s in states):
+            return states
+        if time.monotonic() > deadline:
+            raise ClusterError(f"array job {job} not finished after {timeout:.0f}s: {states}\n" + cluster.log_tails())
+        time.sleep(1.0)

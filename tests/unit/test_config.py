@@ -234,13 +234,62 @@ def test_linear_and_constant_decay():
     assert constant.lr_at(99) == constant.optimizer.lr
 
 
+def _prepared(out: Path, tokenizer: str = "byte") -> str:
+    import sysconfig
+
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    json_dir = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+    prepare(PrepareConfig(out=str(out), sources=[json_dir], tokenizer=tokenizer, val_fraction=0.5, workers=1))
+    return str(out)
+
+
 def test_missing_prepared_data_names_the_command(tmp_path):
     cfg = cfg_with(f"data.dir={tmp_path / 'data'}")
     with pytest.raises(UserError, match=r"mtp prepare --source stdlib --tokenizer byte --out .*data"):
         check_data_dir(cfg)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text("{}")
+    _prepared(tmp_path / "data")
     check_data_dir(cfg)
+    with pytest.raises(UserError, match=r"data.dir: its train split \(\d+ tokens\) is too small for one window.*"
+                                        r"lower train.seq_len"):
+        check_data_dir(cfg_with(f"data.dir={tmp_path / 'data'}", "train.seq_len=30000", "model.max_seq_len=30000"))
+
+
+def test_data_sources_are_typed_and_checked(tmp_path):
+    a, b = _prepared(tmp_path / "a"), _prepared(tmp_path / "b")
+    cfg = cfg_with(f"data.sources=[{{dir: {a}, weight: 3}}, {{dir: {b}, name: text}}]")
+    assert [(s.dir, s.weight, s.name) for s in cfg.data.sources] == [(a, 3.0, None), (b, 1.0, "text")]
+    validate(cfg, 1)
+    check_data_dir(cfg)
+    assert load_config_roundtrip(cfg, tmp_path).data.sources == cfg.data.sources
+    for sources, message in [
+        (f"[{{dir: {a}, weight: 0}}]", r"data.sources\[0\].weight must be a positive number, got 0.0"),
+        (f"[{{dir: {a}}}, {{dir: {b}, weight: -2}}]", r"data.sources\[1\].weight must be a positive number"),
+        ("[{weight: 2}]", r"data.sources\[0\].dir is required"),
+        (f"[{{dir: {a}, wieght: 2}}]", r"unknown key 'data.sources\[0\].wieght'.*did you mean 'data.sources\[0\].weight'"),
+        ("[]", None),
+    ]:
+        if message is None:
+            validate(cfg_with(f"data.sources={sources}"), 1)  # an empty list means data.dir alone
+            continue
+        with pytest.raises(UserError, match=message):
+            validate(cfg_with(f"data.sources={sources}"), 1)
+
+
+def test_data_sources_must_share_a_tokenizer_and_names(tmp_path):
+    a, b = _prepared(tmp_path / "a"), _prepared(tmp_path / "b", tokenizer="bpe:300")
+    with pytest.raises(UserError, match=r"data.sources\[1\].dir was prepared with another tokenizer \(bpe \d+ ids.*"
+                                        r"than data.sources\[0\] \(byte 258 ids\).*--tokenizer"):
+        check_data_dir(cfg_with(f"data.sources=[{{dir: {a}}}, {{dir: {b}}}]"))
+    with pytest.raises(UserError, match="two data.sources are named 'x'"):
+        check_data_dir(cfg_with(f"data.sources=[{{dir: {a}, name: x}}, {{dir: {a}, name: x}}]"))
+    with pytest.raises(UserError, match=r"no prepared data at data.sources\[1\].dir="):
+        check_data_dir(cfg_with(f"data.sources=[{{dir: {a}}}, {{dir: {tmp_path / 'none'}}}]"))
+
+
+def load_config_roundtrip(cfg: RunConfig, tmp_path: Path) -> RunConfig:
+    save_config(cfg, str(tmp_path / "saved.yaml"))
+    return load_config(str(tmp_path / "saved.yaml"), [])
 
 
 def test_field_types_added_later_are_checked_by_instance():

@@ -61,8 +61,22 @@ def byte_set(tmp_path_factory):
 def test_every_document_comes_back_exactly_once(byte_set):
     assert Counter(_documents(byte_set.out)) == Counter(_source_texts(EMAIL))
     n_docs = len(_source_texts(EMAIL))
-    assert byte_set.manifest.splits["val"]["documents"] == round(0.1 * n_docs)
-    assert len(_documents(byte_set.out, "val")) == round(0.1 * n_docs)
+    n_val = byte_set.manifest.splits["val"]["documents"]
+    assert 0 < n_val < 0.3 * n_docs  # each document goes to val with probability 0.1, by a hash of its name
+    assert len(_documents(byte_set.out, "val")) == n_val
+
+
+def test_the_split_is_decided_per_document_by_its_name(tmp_path):
+    from data_pipeline.assign import Assigner
+
+    rows = [f"row {i}" for i in range(2000)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    result = prepare(_config(tmp_path / "out", sources=[str(path)], val_fraction=0.1, workers=2))
+    val = set(_documents(result.out, "val"))
+    assigner = Assigner(seed=0, val_fraction=0.1)
+    assert val == {r for i, r in enumerate(rows) if assigner.split_of(f"c:{i}") == "val"}
+    assert 150 < len(val) < 250
 
 
 def test_manifest_matches_the_files(byte_set):
@@ -119,7 +133,7 @@ def test_directory_globs_and_binary_files(tmp_path):
     (src / ".hidden.py").write_text("secret\n")
     everything = prepare(_config(tmp_path / "all", sources=[str(src)], include=None, val_fraction=0.0))
     assert sorted(_documents(everything.out)) == ["bee\n", "print('a')\n"]
-    assert everything.skipped_binary == 1
+    assert everything.stats.skipped_binary == 1
     only_py = prepare(_config(tmp_path / "py", sources=[str(src)], include=["*.py"], val_fraction=0.0))
     assert _documents(only_py.out) == ["print('a')\n"]
 
