@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "pretrain.bench.train_step",
     "pretrain.bench.faults",
     "pretrain.inference.cli",
+    "pretrain.evaluation.cli",
     "pretrain.plan",
 ]
 

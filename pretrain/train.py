@@ -19,6 +19,7 @@ import torch.distributed as dist
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, check_data_dir, config_to_dict, load_config, save_config, validate
 from pretrain.errors import RunFailure, UserError
+from pretrain.evaluation.periodic import evaluate_checkpoint
 from pretrain.faults import FaultInjector, from_env
 from pretrain.metrics import MetricsWriter, StepMetrics, Throughput, format_progress
 from pretrain.signals import StopFlag
@@ -255,6 +256,8 @@ class Trainer:
             stopping = self.stop.agreed()
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == last_step:
                 self.save()
+                if not stopping:  # eval.suites every eval.interval steps, on the checkpoint just saved
+                    evaluate_checkpoint(cfg, self.step, self.place.rank)
             if stopping:
                 self._print(f"stop signal received: checkpointed step {self.step}, exiting")
                 break
