@@ -59,14 +59,14 @@ demo: setup
 	$(BIN)/mtp export --checkpoint $(DEMO_RUN) --out $(DEMO_RUN)/model.safetensors
 	@echo "== a held-out stdlib function completed by plain greedy decoding (head 1), ended where it starts to loop =="
 	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 128 \
-		--stop-on-loop 16 --speculative off --stats --echo | tee $(DEMO_RUN)/plain.txt
+		--stop-on-loop 32 --speculative off --stats --echo | tee $(DEMO_RUN)/plain.txt
 	@echo "== the same with self-speculative decoding: heads 2-4 draft, head 1 verifies =="
 	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 128 \
-		--stop-on-loop 16 --speculative 4 --stats --echo > $(DEMO_RUN)/speculative.txt
+		--stop-on-loop 32 --speculative 4 --stats --echo > $(DEMO_RUN)/speculative.txt
 	cmp $(DEMO_RUN)/plain.txt $(DEMO_RUN)/speculative.txt && echo "== speculative greedy output is identical to plain greedy decoding =="
-	@echo "== sampled (temperature 0.7, top-p 0.95) with speculative rejection sampling: the same distribution as plain sampling =="
+	@echo "== sampled (temperature 0.8, top-p 0.95) with speculative rejection sampling: the same distribution as plain sampling =="
 	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 160 \
-		--temperature 0.7 --top-p 0.95 --seed 3 --stop-on-loop 16 --speculative 4 --stats --echo
+		--temperature 0.8 --top-p 0.95 --seed 3 --stop-on-loop 32 --speculative 4 --stats --echo
 	@echo "== per-head loss and draft acceptance on held-out stdlib code (mtp eval) =="
 	OMP_NUM_THREADS=1 $(BIN)/mtp eval --model $(DEMO_RUN)/model.safetensors --data $(DEMO_DATA) --suite loss,acceptance \
 		--max-windows 256 --out $(DEMO_RUN)/eval --no-tracking

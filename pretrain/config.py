@@ -123,7 +123,7 @@ class EvalConfig:
     suites: list[str] = field(default_factory=list)  # any of loss, acceptance, humaneval; empty = none
     interval: int = 0  # steps between evaluations, a multiple of checkpoint.interval; 0 = off
     humaneval_limit: int | None = None  # the first N HumanEval problems only; None = all 164
-    max_new_tokens: int = 384  # per HumanEval completion
+    max_new_tokens: int | None = None  # per HumanEval completion; None = 384, at most half of model.max_seq_len
     loss_windows: int | None = None  # held-out windows of the loss suite; None = the whole val split
     timeout_s: int = 3600  # an evaluation running longer is stopped and training goes on
 
@@ -441,7 +441,7 @@ def _eval_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
          f"eval.interval={e.interval} must be a multiple of checkpoint.interval={cfg.checkpoint.interval}: "
          "evaluation reads the checkpoint saved at that step"),
         (e.humaneval_limit is None or e.humaneval_limit >= 1, "eval.humaneval_limit must be >= 1 or null (all problems)"),
-        (e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
+        (e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 or null"),
         (e.loss_windows is None or e.loss_windows >= 1, "eval.loss_windows must be >= 1 or null (the whole split)"),
         (e.timeout_s >= 1, "eval.timeout_s must be >= 1 (seconds)"),
     ]

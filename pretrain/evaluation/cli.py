@@ -45,7 +45,8 @@ def register(subparsers, bench_subparsers) -> None:
     code.add_argument("--samples", type=int, default=1, help="completions per problem; 1 = greedy (default 1)")
     code.add_argument("--temperature", type=float, help="sampling temperature (default 0 for 1 sample, else 0.8)")
     code.add_argument("--top-p", type=float, default=0.95, help="nucleus mass when sampling (default 0.95)")
-    code.add_argument("--max-new-tokens", type=int, default=384, help="tokens per completion at most (default 384)")
+    code.add_argument("--max-new-tokens", type=int,
+                      help="tokens per completion at most (default 384, at most half the model's max_seq_len)")
     code.add_argument("--speculative", default="auto", metavar="K|off|auto",
                       help="draft with heads 2..K; auto = every head for greedy decoding on a GPU, plain otherwise")
     code.add_argument("--stop-on-loop", type=int, default=64, metavar="N",

@@ -31,6 +31,7 @@ from pretrain.evaluation.results import ResultsFile
 from pretrain.evaluation.sandbox import Limits, Sandbox
 
 PASS_AT = (1, 10, 100)
+DEFAULT_NEW_TOKENS = 384
 
 
 @dataclass
@@ -40,7 +41,7 @@ class HumanEvalOptions:
     samples: int = 1
     temperature: float | None = None  # None: 0 (greedy) for one sample, 0.8 for more
     top_p: float = 0.95
-    max_new_tokens: int = 384
+    max_new_tokens: int | None = None  # None: 384, at most half the model's max_seq_len
     batch_size: int = 8
     speculative: int = 1  # heads used for drafting; 1 = plain decoding
     workers: int = 2  # programs run at the same time
@@ -61,6 +62,7 @@ class HumanEvalOptions:
              f"--samples {self.samples} with --temperature 0 gives {self.samples} identical greedy completions; "
              "use --samples 1 or a temperature > 0 (e.g. 0.8)"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens} must be >= 1"),
             (self.workers >= 1, f"--workers {self.workers} must be >= 1"),
         ]
         for ok, message in checks:
@@ -126,9 +128,10 @@ class HumanEvalRun:
         self.options = options
         self.problems = load_problems(options.problems, options.limit)
         self.sandbox = sandbox or Sandbox(options.limits)  # before any generation: a missing bwrap fails at once
+        self.new_tokens = options.max_new_tokens or min(DEFAULT_NEW_TOKENS, model.cfg.max_seq_len // 2)
         settings = {"model": model_id, "problems_sha256": file_digest(options.problems), "samples": options.samples,
                     "temperature": options.sampling_temperature, "top_p": options.top_p, "seed": options.seed,
-                    "max_new_tokens": options.max_new_tokens, "loop_tokens": options.loop_tokens,
+                    "max_new_tokens": self.new_tokens, "loop_tokens": options.loop_tokens,
                     "stop": list(STOP_SEQUENCES), "limits": asdict(options.limits)}
         self.results = ResultsFile(out_dir, settings)
         self.generation = {"seconds": 0.0, "tokens": 0, "forwards": 0, "truncated_prompts": 0}
@@ -167,11 +170,12 @@ class HumanEvalRun:
         from pretrain.inference.stopping import StopRules
 
         o = self.options
-        room = self.model.cfg.max_seq_len - o.max_new_tokens
+        new_tokens = self.new_tokens
+        room = self.model.cfg.max_seq_len - new_tokens
         if room < 1:
-            raise UserError(f"--max-new-tokens {o.max_new_tokens} leaves no room for a prompt in the model's "
+            raise UserError(f"--max-new-tokens {new_tokens} leaves no room for a prompt in the model's "
                             f"max_seq_len {self.model.cfg.max_seq_len}; lower it")
-        rules = StopRules(self.tokenizer, o.max_new_tokens, STOP_SEQUENCES, o.loop_tokens)
+        rules = StopRules(self.tokenizer, new_tokens, STOP_SEQUENCES, o.loop_tokens)
         decoder = Decoder(self.model, rules, o.speculative, Sampling(o.sampling_temperature, o.top_p if o.samples > 1 else 1.0),
                           seed=o.seed * 1_000_003 + first)
         ids = [self.tokenizer.encode(p.prompt) for p, _ in batch]

@@ -80,7 +80,9 @@ def _start(cfg, step: int) -> _Child:
     out_dir.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
     command = [sys.executable, "-m", "pretrain.cli", "eval", "--model", str(step_dir), "--suite", ",".join(e.suites),
-               "--out", str(out_dir), "--max-new-tokens", str(e.max_new_tokens), "--dtype", cfg.parallel.dtype]
+               "--out", str(out_dir), "--dtype", cfg.parallel.dtype]
+    if e.max_new_tokens:
+        command += ["--max-new-tokens", str(e.max_new_tokens)]
     if e.humaneval_limit:
         command += ["--limit", str(e.humaneval_limit)]
     if e.loss_windows:

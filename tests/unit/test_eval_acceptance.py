@@ -113,3 +113,15 @@ def test_summary_by_hand():
     assert result.kept_rate == {2: 0.75, 3: 0.5, 4: 0.25}
     assert result.expected_tokens_per_forward == {1: 1.0, 2: 1.75, 3: 2.25, 4: 2.5}
     assert result.conditional_rate == pytest.approx({2: 0.75, 3: 2 / 3, 4: 0.5})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_acceptance_on_gpu_in_float32_and_bfloat16():
+    """The constructed extreme holds on CUDA too, and bfloat16 runs (MTPModel puts weights on the GPU)."""
+    model = constant_model(4).float()
+    assert next(model.parameters()).device.type == "cuda"
+    windows = torch.tensor([TOKENIZER.encode(TEXT[i : i + 60]) for i in (0, 17, 40)])
+    assert measure(model, windows, per_window=20).expected_tokens_per_forward[4] == pytest.approx(4.0)
+    result = measure(random_model("transformer", init_std=0.3).to(torch.bfloat16), windows, per_window=20)
+    assert 1.0 <= result.expected_tokens_per_forward[4] <= 4.0
