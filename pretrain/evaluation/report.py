@@ -41,8 +41,8 @@ def markdown(results: dict) -> str:
     """The tables a person reads: per-head loss and acceptance, expected tokens per forward, pass@k."""
     lines = []
     loss, acceptance = results.get("loss"), results.get("acceptance")
-    heads = sorted({int(k) for part in (loss or {}, ) for k in part.get("nats_per_token", {})}
-                   | {int(k) for k in (acceptance or {}).get("match_rate", {})} | {1})
+    heads = sorted({1} | {int(k) for k in (loss or {}).get("nats_per_token", {})}
+                   | {int(k) for k in (acceptance or {}).get("match_rate", {})})
     if loss or acceptance:
         lines += ["| head | loss (nats/token) | bits/byte | draft matches head 1 | draft kept |", "|---|---|---|---|---|"]
         for k in heads:
