@@ -62,6 +62,22 @@ def test_loss_and_acceptance_give_finite_per_head_figures(trained, small_corpus,
     assert (tmp_path / "e" / "summary.md").read_text().startswith("| head | loss (nats/token)")
 
 
+def test_an_exported_file_is_evaluated_into_a_new_mlflow_run(trained, tmp_path):
+    model = tmp_path / "model.safetensors"
+    run_mtp("export", "--checkpoint", str(trained), "--out", str(model))
+    out_dir = tmp_path / "file-eval"
+    run_mtp("eval", "--model", str(model), "--suite", "acceptance", "--windows", "2", "--positions", "4",
+            "--out", str(out_dir))
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["acceptance"]["window_tokens"] == 48  # train.seq_len, from the file
+    assert summary["acceptance"]["text"] == "the held-out stdlib files"  # no --data: the stdlib's held-out split
+    client = MlflowClient(tracking_uri=summary["mlflow"]["uri"])
+    assert summary["mlflow"]["uri"] == f"sqlite:///{out_dir.resolve() / 'mlflow.db'}"
+    history = client.get_metric_history(summary["mlflow"]["run_id"], "eval.tokens_per_forward.k3")
+    assert [m.step for m in history] == [4] and 1.0 <= history[0].value <= 3.0
+    assert client.get_experiment_by_name("mtp-eval") is not None
+
+
 def test_humaneval_on_three_problems_writes_every_output(trained, tmp_path):
     out_dir = tmp_path / "he"
     proc = run_mtp("eval", "--model", str(trained / "checkpoints"), "--suite", "humaneval", "--limit", "3",
