@@ -34,6 +34,12 @@ system-deps:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; \
 	fi
+	@# bubblewrap: the sandbox `mtp eval --suite humaneval` runs generated code in (pretrain/evaluation/sandbox.py).
+	@if ! command -v bwrap >/dev/null; then \
+		echo "installing bubblewrap (missing: bwrap)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends bubblewrap; \
+	fi
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q
@@ -54,13 +60,20 @@ demo: setup
 		train.max_steps=$(DEMO_STEPS) schedule.warmup_steps=15 train.eval_interval=50 checkpoint.interval=50
 	rm -f $(DEMO_RUN)/model.safetensors
 	$(BIN)/mtp export --checkpoint $(DEMO_RUN) --out $(DEMO_RUN)/model.safetensors
-	@echo "== a held-out stdlib function completed by plain greedy decoding (head 1) =="
+	@echo "== a held-out stdlib function completed by plain greedy decoding (head 1), ended where it starts to loop =="
 	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 128 \
-		--speculative off --stats --echo | tee $(DEMO_RUN)/plain.txt
+		--stop-on-loop 32 --speculative off --stats --echo | tee $(DEMO_RUN)/plain.txt
 	@echo "== the same with self-speculative decoding: heads 2-4 draft, head 1 verifies =="
 	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 128 \
-		--speculative 4 --stats --echo > $(DEMO_RUN)/speculative.txt
+		--stop-on-loop 32 --speculative 4 --stats --echo > $(DEMO_RUN)/speculative.txt
 	cmp $(DEMO_RUN)/plain.txt $(DEMO_RUN)/speculative.txt && echo "== speculative greedy output is identical to plain greedy decoding =="
+	@echo "== sampled (temperature 0.8, top-p 0.95) with speculative rejection sampling: the same distribution as plain sampling =="
+	$(BIN)/mtp generate --model $(DEMO_RUN)/model.safetensors --heldout-function 1 --max-new-tokens 160 \
+		--temperature 0.8 --top-p 0.95 --seed 3 --stop-on-loop 32 --speculative 4 --stats --echo
+	@echo "== per-head loss and draft acceptance on held-out stdlib code (mtp eval) =="
+	OMP_NUM_THREADS=1 $(BIN)/mtp eval --model $(DEMO_RUN)/model.safetensors --data $(DEMO_DATA) --suite loss,acceptance \
+		--max-windows 256 --out $(DEMO_RUN)/eval --no-tracking
+	@echo "== expected tokens per forward (held-out text) beside the measured one (greedy completions, loops included) =="
 	OMP_NUM_THREADS=1 $(BIN)/mtp bench speculative --model $(DEMO_RUN)/model.safetensors --prompts 4 \
 		--prompt-tokens 128 --new-tokens 128 --batch-sizes 1
 

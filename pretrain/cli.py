@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "pretrain.bench.faults",
     "pretrain.bench.gpu_check",
     "pretrain.inference.cli",
+    "pretrain.evaluation.cli",
     "pretrain.plan",
 ]
 

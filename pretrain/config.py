@@ -123,6 +123,21 @@ class FaultConfig:
     max_skipped_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient skipped before the run stops
 
 
+EVAL_SUITES = ("loss", "acceptance", "humaneval")
+
+
+@dataclass
+class EvalConfig:
+    """`mtp eval` suites run on the just-saved checkpoint during training (docs/evaluation.md)."""
+
+    suites: list[str] = field(default_factory=list)  # any of loss, acceptance, humaneval; empty = none
+    interval: int = 0  # steps between evaluations, a multiple of checkpoint.interval; 0 = off
+    humaneval_limit: int | None = None  # the first N HumanEval problems only; None = all 164
+    max_new_tokens: int | None = None  # per HumanEval completion; None = 384, at most half of model.max_seq_len
+    loss_windows: int | None = None  # held-out windows of the loss suite; None = the whole val split
+    timeout_s: int = 3600  # an evaluation running longer is stopped and training goes on
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +150,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunSection = field(default_factory=RunSection)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -437,6 +453,23 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
         (bool(cfg.run.dir), "run.dir must not be empty"),
         (cfg.fault.collective_timeout_s >= 1, "fault.collective_timeout_s must be >= 1 (seconds)"),
         (cfg.fault.max_skipped_steps >= 0, "fault.max_skipped_steps must be >= 0 (0 stops at the first NaN/inf step)"),
+        *_eval_checks(cfg),
+    ]
+
+
+def _eval_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    e = cfg.eval
+    unknown = [s for s in e.suites if s not in EVAL_SUITES]
+    return [
+        (not unknown, f"eval.suites has {', '.join(map(repr, unknown))}; choose from {', '.join(EVAL_SUITES)}"),
+        (e.interval >= 0, "eval.interval must be >= 0 (0 turns evaluation during training off)"),
+        (e.interval == 0 or e.interval % cfg.checkpoint.interval == 0,
+         f"eval.interval={e.interval} must be a multiple of checkpoint.interval={cfg.checkpoint.interval}: "
+         "evaluation reads the checkpoint saved at that step"),
+        (e.humaneval_limit is None or e.humaneval_limit >= 1, "eval.humaneval_limit must be >= 1 or null (all problems)"),
+        (e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 or null"),
+        (e.loss_windows is None or e.loss_windows >= 1, "eval.loss_windows must be >= 1 or null (the whole split)"),
+        (e.timeout_s >= 1, "eval.timeout_s must be >= 1 (seconds)"),
     ]
 
 

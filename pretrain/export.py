@@ -62,6 +62,7 @@ def export(checkpoint: str, out: str) -> Path:
         "tokenizer_files": json.dumps(_read_dir(step_dir / "tokenizer")),
         "step": str(extra["step"]),
         "tokens": str(extra["tokens"]),
+        "train_seq_len": _train_seq_len(step_dir),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -110,6 +111,16 @@ def model_with_weights(cfg: ModelConfig, state: dict[str, torch.Tensor], source:
             "export it again or pass another checkpoint"
         )
     return model
+
+
+def _train_seq_len(step_dir: Path) -> str:
+    """The sequence length the model trained at (evaluation's default window), "" when unknown."""
+    import yaml
+
+    config = step_dir / "config.yaml"
+    if not config.is_file():
+        return ""
+    return str((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("seq_len", ""))
 
 
 def _read_dir(directory: Path) -> dict[str, str]:

@@ -23,6 +23,7 @@ from parallel.topology import layout_record
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, check_data_dir, load_config, save_config, validate
 from pretrain.errors import RunFailure, UserError
+from pretrain.evaluation.periodic import evaluate_checkpoint
 from pretrain.faults import FaultInjector, from_env
 from pretrain.metrics import StepMetrics, Throughput
 from pretrain.model.config import NOT_IDENTITY
@@ -204,6 +205,8 @@ class Trainer:
                 outputs.flush()  # the one host synchronisation for the steps since the last flush
             if checkpointing:
                 self.save()
+                if not stopping:  # eval.suites every eval.interval steps, on the checkpoint just saved
+                    evaluate_checkpoint(cfg, self.step, self.place.rank)
             if stopping:
                 self._print(f"stop signal received: checkpointed step {self.step}, exiting")
                 break

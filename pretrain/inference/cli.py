@@ -42,6 +42,9 @@ def register(subparsers, bench_subparsers) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a completion before this text; repeatable")
+    g.add_argument("--stop-on-loop", type=int, default=0, metavar="N",
+                   help="end a completion once its last N tokens repeat a pattern of at most 8 tokens "
+                        "(a run of spaces, `____`, ...); 0 = off (default)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--echo", action="store_true", help="print each prompt before its completion")
@@ -59,5 +62,7 @@ def register(subparsers, bench_subparsers) -> None:
     b.add_argument("--new-tokens", type=int, default=256, help="greedy tokens per completion (default 256)")
     b.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
     b.add_argument("--heads", default=None, help="comma-separated K values (default 1..n_future)")
+    b.add_argument("--acceptance-positions", type=int, default=32,
+                   help="held-out prefixes per prompt for the expected tokens per forward (default 32)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_bench)

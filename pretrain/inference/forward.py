@@ -26,7 +26,8 @@ def cached_logits(
     projection runs at that one position per sequence and the result is
     [b, 1, n_heads, vocab]: a prefill needs the last prompt token's logits,
     and a full [b, s, vocab] logits tensor of a long prompt can be larger
-    than the model. Every position still goes through every used head, to
+    than the model. `only` [b, P] picks P positions per sequence (the
+    acceptance evaluation drafts at many) and gives [b, P, n_heads, vocab]. Every position still goes through every used head, to
     fill the heads' caches. Sequential heads get head k-1's greedy guess as
     token t+k-1, as `MTPModel.head_logits` drafts.
     """
@@ -38,10 +39,12 @@ def cached_logits(
     def tokens_for(_i: int, head_hidden: torch.Tensor) -> torch.Tensor:
         return model.unembedding(head_hidden).argmax(dim=-1)  # [s, b]
 
-    rows = None if only is None else torch.arange(tokens.shape[0], device=tokens.device)
+    if only is not None and only.dim() == 1:
+        only = only[:, None]  # [b, 1]
+    rows = None if only is None else torch.arange(tokens.shape[0], device=tokens.device)[None]  # [1, b]
     logits = []
     heads = model.heads.hidden_states(hidden, rotary, model.embedding, tokens_for)
     for head_hidden in islice(heads, n_heads):  # [s, b, d]
-        wanted = head_hidden if only is None else head_hidden[only, rows][None]  # [s or 1, b, d]
-        logits.append(model.unembedding(wanted))  # [s or 1, b, vocab]
-    return torch.stack(logits, dim=2).transpose(0, 1)  # [b, s or 1, n_heads, vocab]
+        wanted = head_hidden if only is None else head_hidden[only.t(), rows]  # [s or P, b, d]
+        logits.append(model.unembedding(wanted))  # [s or P, b, vocab]
+    return torch.stack(logits, dim=2).transpose(0, 1)  # [b, s or P, n_heads, vocab]

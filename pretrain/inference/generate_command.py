@@ -2,6 +2,7 @@
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from pretrain.errors import UserError
@@ -74,10 +75,11 @@ def run(args) -> int:
         from pretrain.inference.stopping import StopRules
 
         model, tokenizer, cfg = load_model(args.model, args.dtype)
-    rules = StopRules(tokenizer, args.max_new_tokens, tuple(args.stop))
+    rules = StopRules(tokenizer, args.max_new_tokens, tuple(args.stop), args.stop_on_loop)
     decoder = Decoder(model, rules, heads, sampling, args.seed)
     texts = read_prompts(args, tokenizer, cfg.max_seq_len)
     total = GenerationStats()
+    reasons: Counter[str] = Counter()
     for first in range(0, len(texts), args.batch_size):
         batch = texts[first : first + args.batch_size]
         result = decoder.generate([tokenizer.encode(t) for t in batch])
@@ -86,6 +88,8 @@ def run(args) -> int:
                 print(f"=== completion {i + 1} ({completion.finish_reason}) ===")
             print(texts[i] + completion.text if args.echo else completion.text)
         total.add(result.stats)
+        reasons.update(c.finish_reason for c in result.completions)
     if args.stats:
-        print(format_stats(heads, total), file=sys.stderr)
+        ended = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+        print(f"{format_stats(heads, total)}; ended by {ended}", file=sys.stderr)
     return 0

@@ -45,6 +45,15 @@ class CacheState:
         self.mask = (keys[None, None, :] <= self.positions.t()[:, :, None])[:, None]  # [b, 1, s, used]
         return self.rotary_table[self.positions][:, :, None, :]  # [s, b, 1, hn]
 
+    def seek(self, lengths: torch.Tensor) -> None:
+        """Set every sequence's valid length [b]: a rollback to any earlier position, by pointer only.
+
+        Positions before the new length must hold what the caller wants
+        attended; the next forward overwrites those from the length on.
+        """
+        self.lengths = lengths.to(device=self.device, dtype=torch.long).clone()
+        self.positions = self.mask = None
+
     def commit(self, kept: torch.Tensor) -> None:
         """Keep the first `kept[i]` of sequence i's tokens in flight; the rest roll back."""
         self.lengths += kept.to(self.lengths.device)

@@ -1,6 +1,7 @@
 """Run config: shipped configs, overrides, type errors, impossible combinations."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,7 @@ def test_config_to_dict_is_flat():
     assert flat["model.n_future"] == 4
     assert all(key.count(".") == 1 for key in flat)
     assert {key.split(".")[0] for key in flat} == {
-        "model", "data", "train", "optimizer", "schedule", "parallel", "checkpoint", "tracking", "run", "fault"}
+        "model", "data", "train", "optimizer", "schedule", "parallel", "checkpoint", "tracking", "run", "fault", "eval"}
 
 
 def test_derived_paths_and_name():
@@ -299,3 +300,25 @@ def test_field_types_added_later_are_checked_by_instance():
     assert _coerce({"a": 1}, dict[str, int], "model.extra") == {"a": 1}
     with pytest.raises(UserError, match=r"^model.extra must be a dict, got 3$"):
         _coerce(3, dict[str, int], "model.extra")
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["eval.suites=[loss, bleu]"], "eval.suites has 'bleu'; choose from loss, acceptance, humaneval"),
+        (["eval.interval=-1"], "eval.interval must be >= 0"),
+        (["eval.suites=[loss]", "eval.interval=30", "checkpoint.interval=20"],
+         "eval.interval=30 must be a multiple of checkpoint.interval=20"),
+        (["eval.humaneval_limit=0"], "eval.humaneval_limit must be >= 1"),
+        (["eval.timeout_s=0"], "eval.timeout_s must be >= 1"),
+    ],
+)
+def test_eval_section_is_validated(overrides, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        validate(cfg_with(*overrides), 1, cuda=False)
+
+
+def test_eval_section_accepts_a_schedule():
+    cfg = cfg_with("eval.suites=[loss, acceptance]", "eval.interval=40", "checkpoint.interval=20")
+    validate(cfg, 1, cuda=False)
+    assert cfg.eval.suites == ["loss", "acceptance"] and cfg.eval.interval == 40
