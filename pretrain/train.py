@@ -206,7 +206,7 @@ class Trainer:
             if checkpointing:
                 self.save()
                 if not stopping:  # eval.suites every eval.interval steps, on the checkpoint just saved
-                    evaluate_checkpoint(cfg, self.step, self.place.rank)
+                    evaluate_checkpoint(cfg, self.step, self.runtime)
             if stopping:
                 self._print(f"stop signal received: checkpointed step {self.step}, exiting")
                 break

@@ -30,26 +30,31 @@ def due(cfg, step: int) -> bool:
     return bool(e.suites) and e.interval > 0 and step % e.interval == 0
 
 
-def evaluate_checkpoint(cfg, step: int, rank: int) -> None:
-    """Run the configured suites on step `step`'s checkpoint (rank 0); every rank returns when it is done."""
+def evaluate_checkpoint(cfg, step: int, runtime) -> None:
+    """Run the configured suites on step `step`'s checkpoint (rank 0); every rank returns when it is done.
+
+    The ranks agree over the runtime's host (gloo) group: waiting costs no GPU synchronisation.
+    """
     if not due(cfg, step):
         return
-    child = _start(cfg, step) if rank == 0 else None
+    child = _start(cfg, step) if runtime.is_main else None
     deadline = time.monotonic() + cfg.eval.timeout_s
-    while not _agree(child is None or child.process.poll() is not None or time.monotonic() > deadline):
-        time.sleep(POLL_S if rank == 0 else 0.0)
+    done = child is None or child.process.poll() is not None
+    while not _agree(done or time.monotonic() > deadline, runtime.control_group):
+        time.sleep(POLL_S if runtime.is_main else 0.0)
+        done = child is None or child.process.poll() is not None
     if child is not None:
         child.finish(step)
 
 
-def _agree(done: bool) -> bool:
+def _agree(done: bool, group) -> bool:
     """Rank 0's answer, on every rank."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return done
     flag = [done]
-    dist.broadcast_object_list(flag, src=0)
+    dist.broadcast_object_list(flag, src=0, group=group)
     return bool(flag[0])
 
 
