@@ -56,20 +56,25 @@ def heldout_functions() -> list[tuple[str, str]]:
         lines = text.splitlines(keepends=True)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                split = _body_start(node)
+                split = _body_start(node, lines)
                 if split is not None and node.end_lineno - split >= MIN_BODY_LINES:
                     found.append(("".join(lines[:split]), "".join(lines[split : node.end_lineno])))
     return found
 
 
-def _body_start(node) -> int | None:
-    """0-based line where the body proper starts (after a docstring), None for one-line functions."""
+def _body_start(node, lines: list[str]) -> int | None:
+    """0-based line where the body proper starts (after the signature and any docstring; comments
+    before the first statement belong to the body), None for one-line functions."""
     body = node.body
     if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
-        body = body[1:]
-    if not body or body[0].lineno <= node.lineno:
+        if len(body) == 1:
+            return None
+        return body[0].end_lineno  # the line after the docstring
+    if body[0].lineno <= node.lineno:
         return None
-    return body[0].lineno - 1
+    colon = max((i for i in range(node.lineno - 1, body[0].lineno - 1) if lines[i].split("#")[0].rstrip().endswith(":")),
+                default=body[0].lineno - 2)
+    return colon + 1
 
 
 def heldout_function_prompt(index: int, tokenizer, max_tokens: int) -> str:

@@ -315,10 +315,10 @@ def test_field_types_added_later_are_checked_by_instance():
 )
 def test_eval_section_is_validated(overrides, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
-        validate(cfg_with(*overrides), 1, cuda=False)
+        validate(cfg_with(*overrides), 1)
 
 
 def test_eval_section_accepts_a_schedule():
     cfg = cfg_with("eval.suites=[loss, acceptance]", "eval.interval=40", "checkpoint.interval=20")
-    validate(cfg, 1, cuda=False)
+    validate(cfg, 1)
     assert cfg.eval.suites == ["loss", "acceptance"] and cfg.eval.interval == 40
