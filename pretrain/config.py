@@ -99,6 +99,7 @@ class TrackingConfig:
     uri: str | None = None  # None = env MLFLOW_TRACKING_URI, else SQLite in the run dir
     experiment: str = "mtp"
     enabled: bool = True
+    close_timeout_s: int = 60  # the longest the end of a run waits for MLflow to take what is still queued
 
 
 @dataclass
@@ -419,6 +420,7 @@ def _ranges(cfg: RunConfig) -> list[tuple[bool, str]]:
         _at_least(f.collective_timeout_s, 1, "fault.collective_timeout_s", " (seconds)"),
         _at_least(f.max_skipped_steps, 0, "fault.max_skipped_steps", " (0 stops at the first NaN/inf step)"),
         _at_least(f.lock_timeout_s, 1, "fault.lock_timeout_s", " (seconds)"),
+        _at_least(cfg.tracking.close_timeout_s, 0, "tracking.close_timeout_s", " (seconds)"),
     ]
     return checks
 

@@ -14,7 +14,8 @@ every rank):
     nan             the step's embeddings become NaN, so its loss and every
                     gradient are NaN
     gate            wait before the step until the file MTP_FAULT_GATE exists
-                    (or a stop signal arrives), so a test can act at a known
+                    (`{}` in it stands for the gate's label: the step,
+                    `save-STEP`, the moment; or a stop signal arrives), so a test can act at a known
                     moment: a step, or `gate@launch` (before the stop handlers
                     exist), `gate@start` (process group up, model not built),
                     `gate@resume` (checkpoint chosen, not loaded), `gate@end`
@@ -109,19 +110,19 @@ class FaultInjector:
             _announce(f"rank {self.rank} hangs before step {step}")
             time.sleep(HANG_S)
         if self._strikes("gate", step):
-            wait_at_gate(f"rank {self.rank} before step {step}")
+            wait_at_gate(f"rank {self.rank} before step {step}", str(step))
 
     def during_save(self, step: int) -> None:
         if self._strikes("kill-in-save", step):
             _announce(f"killing rank {self.rank} while it writes the checkpoint of step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
         if self._strikes("gate-in-save", step):
-            wait_at_gate(f"rank {self.rank} while it writes the checkpoint of step {step}")
+            wait_at_gate(f"rank {self.rank} while it writes the checkpoint of step {step}", f"save-{step}")
 
     def at(self, moment: str) -> None:
         """A gate at a moment that is not a step (MOMENTS)."""
         if any(f.strikes("gate", 0, self.rank, moment) for f in self.faults):
-            wait_at_gate(f"rank {self.rank} at {moment}")
+            wait_at_gate(f"rank {self.rank} at {moment}", moment)
 
     def poison(self, model: torch.nn.Module, step_of) -> None:
         """Make the embedding output NaN on the fault's steps (`step_of()` gives the step in flight)."""
@@ -141,13 +142,15 @@ class FaultInjector:
         return any(f.strikes(kind, step, self.rank) for f in self.faults)
 
 
-def wait_at_gate(where: str) -> None:
-    """Block until MTP_FAULT_GATE exists or this process got a stop signal (torchrun stops workers with TERM)."""
+def wait_at_gate(where: str, label: str) -> None:
+    """Block until the gate's file exists or this process got a stop signal (torchrun stops workers with TERM).
+
+    The file is MTP_FAULT_GATE, with `{}` in it replaced by the gate's label
+    (the step, `save-STEP` or the moment), so several gates open one by one.
+    """
     from pretrain.signals import received
 
-    gate = os.environ.get("MTP_FAULT_GATE")
-    if not gate:
-        raise ValueError("a gate fault needs MTP_FAULT_GATE=PATH, the file whose creation opens it")
+    gate = os.environ["MTP_FAULT_GATE"].replace("{}", label)  # present: pretrain.startup checks
     _announce(f"{where} waits for {gate}")
     while not Path(gate).exists() and received() is None:
         time.sleep(GATE_POLL_S)
