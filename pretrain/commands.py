@@ -22,6 +22,9 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
+    from pretrain.startup import check_output_file
+
+    check_output_file(args.out, "--out")  # before the checkpoint is read: seconds, not minutes, for a typo
     from pretrain.export import run
 
     return run(args)

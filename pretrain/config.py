@@ -414,6 +414,9 @@ def _ranges(cfg: RunConfig) -> list[tuple[bool, str]]:
         _finite(s.min_lr_ratio, "schedule.min_lr_ratio", 0, False, 1),
         _at_least(s.warmup_steps, 0, "schedule.warmup_steps"),
         _at_least(p.tp, 1, "parallel.tp"), _at_least(p.pp, 1, "parallel.pp"),
+        (p.layers_per_stage is None or (len(p.layers_per_stage) == p.pp and min(p.layers_per_stage) >= 0),
+         f"parallel.layers_per_stage={p.layers_per_stage} must list parallel.pp={p.pp} non-negative trunk-layer "
+         "counts, or be null"),
         *((_at_least(p.dp, 1, "parallel.dp", " (or null: derived from the world size)"),) if p.dp is not None else ()),
         _at_least(cfg.checkpoint.interval, 1, "checkpoint.interval"),
         _at_least(cfg.checkpoint.keep, 1, "checkpoint.keep", "; the newest checkpoint is always kept"),

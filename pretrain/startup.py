@@ -63,6 +63,23 @@ def check_writable_dir(path: str, key: str) -> None:
         raise UserError(f"{key}={path} is not writable by this user; choose a writable {key}")
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """`path` can be written as a new file: it does not exist and no part of its directory is a file."""
+    target = Path(path)
+    if target.exists():
+        raise UserError(f"{path} already exists; choose another {flag} or delete it first")
+    for part in target.parents:
+        if part.exists() and not part.is_dir():
+            raise UserError(f"{flag} {path} is below {part}, which is a file, not a directory; choose another {flag}")
+        if part.exists():
+            break
+    if not target.parent.exists():
+        try:
+            target.parent.mkdir(parents=True)
+        except OSError as err:
+            raise UserError(f"{flag} {path}: its directory cannot be created ({err.strerror})") from None
+
+
 def check_tracking_uri(cfg: RunConfig) -> None:
     """tracking.uri (or MLFLOW_TRACKING_URI) must be a scheme MLflow can log to."""
     if not cfg.tracking.enabled:

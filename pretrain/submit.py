@@ -67,16 +67,12 @@ def _min_nodes(args) -> int:
 
 
 def _validate_every_size(cfg: RunConfig, args) -> None:
-    """The layout must work for every node count an elastic job may shrink to.
-
-    `cuda=True`: the login node's devices say nothing about the compute
-    nodes'; the job checks bfloat16 against its own GPUs when it starts.
-    """
-    validate(cfg, args.nodes * _nproc(args), cuda=True)
+    """The layout must work for every node count an elastic job may shrink to."""
+    validate(cfg, args.nodes * _nproc(args))
     for nodes in range(_min_nodes(args), args.nodes):
         world = nodes * _nproc(args)
         try:
-            validate(cfg, world, cuda=True)
+            validate(cfg, world)
         except UserError as err:
             raise UserError(f"with {nodes} of {args.nodes} nodes ({world} processes), which --min-nodes "
                             f"allows: {err}") from None
@@ -103,6 +99,7 @@ def _export(args, cfg: RunConfig) -> str:
     values = {
         "NPROC_PER_NODE": _nproc(args), "MIN_NODES": _min_nodes(args), "MAX_RESTARTS": args.max_restarts,
         "MTP_PYTHON": sys.executable, "MTP_FINAL_CHECKPOINT": final,
+        "MTP_CONTROL_DIR": Path(cfg.run.dir).resolve() / SUBMIT_DIR,  # the stop/ready handshake of the script
     }
     for name, value in values.items():
         if "," in str(value):
