@@ -18,7 +18,6 @@ tolerance: the reduction order changes with the world.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -62,7 +61,15 @@ class Node:
         return sum(needle in line for _, line in list(self.lines)) >= count
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL the agent and every process below it (torchrun puts workers in sessions of their own)."""
+        import psutil
+
+        agent = psutil.Process(self.proc.pid)
+        for proc in [*agent.children(recursive=True), agent]:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
 
     def wait(self) -> int:
         try:
