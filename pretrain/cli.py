@@ -31,8 +31,15 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (the problem and where help is), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mtp", description="Pretrain multi-token-prediction language models."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

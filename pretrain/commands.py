@@ -5,14 +5,26 @@ torch, DeepSpeed and MLflow for that would cost seconds, so the handlers
 import their modules only when they run.
 """
 
+import os
+
 
 def _train(args) -> int:
+    from pretrain import signals
+    from pretrain.faults import FaultInjector, from_env
+    from pretrain.startup import prepare
+
+    FaultInjector(from_env(), int(os.environ.get("RANK", "0"))).at("launch")
+    signals.install()  # before anything slow: a stop during start-up is kept, not fatal
+    cfg = prepare(args)  # every value checked before torch is imported
     from pretrain.train import run
 
-    return run(args)
+    return run(args, cfg)
 
 
 def _export(args) -> int:
+    from pretrain.startup import check_output_file
+
+    check_output_file(args.out, "--out")  # before the checkpoint is read: seconds, not minutes, for a typo
     from pretrain.export import run
 
     return run(args)

@@ -109,6 +109,7 @@ class TrackingConfig:
     uri: str | None = None  # None = env MLFLOW_TRACKING_URI, else SQLite in the run dir
     experiment: str = "mtp"
     enabled: bool = True
+    close_timeout_s: int = 60  # the longest the end of a run waits for MLflow to take what is still queued
 
 
 @dataclass
@@ -121,6 +122,7 @@ class RunSection:
 class FaultConfig:
     collective_timeout_s: int = 600  # a collective waiting longer fails the step instead of hanging the job
     max_skipped_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient skipped before the run stops
+    lock_timeout_s: int = 120  # a run-dir lock not renewed for this long (holder on another host) is taken over
 
 
 EVAL_SUITES = ("loss", "acceptance", "humaneval")
@@ -222,12 +224,16 @@ def _read_yaml(path: str) -> dict:
         hint = f" (shipped configs: {', '.join('configs/' + s for s in shipped)})" if shipped else ""
         raise UserError(f"config file {path} not found; pass the path of a YAML run config{hint}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except OSError as err:
+        raise UserError(f"config file {path} cannot be read: {err.strerror}") from None
     if raw is None:
-        return {}
+        raise UserError(f"config file {path} is empty; start from a shipped config, e.g. configs/tiny-cpu.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
     return raw
@@ -366,6 +372,9 @@ def _type_error(key: str, tp: Any, value: Any) -> UserError:
 
 def validate(cfg: RunConfig, world_size: int) -> Layout:
     """Reject impossible settings before any work starts; return the parallel layout."""
+    for ok, message in _ranges(cfg):  # first: the model's own checks divide by some of these
+        if not ok:
+            raise UserError(message)
     cfg.model.validate()
     layout = _layout(cfg, world_size)
     for ok, message in _checks(cfg, layout):
@@ -409,26 +418,76 @@ def _layout(cfg: RunConfig, world_size: int) -> Layout:
     return Layout(tp=p.tp, pp=p.pp, dp=dp, grad_accum_steps=t.global_batch_size // per_step)
 
 
+def _at_least(value, low, key: str, hint: str = "") -> tuple[bool, str]:
+    return value >= low, f"{key} must be >= {low}, got {value}{hint}"
+
+
+def _finite(value: float, key: str, low: float, strict: bool, high: float = math.inf) -> tuple[bool, str]:
+    """A finite number above `low` (or at it, unless `strict`) and at most `high`."""
+    above = value > low if strict else value >= low
+    bound = f"> {low:g}" if strict else f">= {low:g}"
+    bound += f" and <= {high:g}" if high != math.inf else ""
+    return math.isfinite(value) and above and value <= high, f"{key} must be a finite number {bound}, got {value}"
+
+
+SEED_LIMIT = 2**63  # numpy's SeedSequence and torch's manual_seed both take seeds in [0, 2**63)
+
+
+def _ranges(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """Signs, ranges and finiteness of every number, one field at a time (cross-field checks: `_checks`)."""
+    m, d, t, o, s, p, f = cfg.model, cfg.data, cfg.train, cfg.optimizer, cfg.schedule, cfg.parallel, cfg.fault
+    seed_hint = " and < 2**63"
+    checks = [
+        _at_least(m.d_model, 1, "model.d_model"), _at_least(m.n_layers, 1, "model.n_layers"),
+        _at_least(m.n_heads, 1, "model.n_heads"), _at_least(m.max_seq_len, 1, "model.max_seq_len"),
+        _at_least(m.n_future, 1, "model.n_future"), _at_least(m.loss_chunk_tokens, 1, "model.loss_chunk_tokens"),
+        _finite(m.aux_factor, "model.aux_factor", 0, False), _finite(m.rope_theta, "model.rope_theta", 0, True),
+        _finite(m.norm_eps, "model.norm_eps", 0, True), _finite(m.init_std, "model.init_std", 0, True),
+        *(_finite(w, f"model.head_weights[{i}]", 0, False) for i, w in enumerate(m.head_weights or [])),
+        *(_at_least(v, 1, key) for v, key in ((m.n_kv_heads, "model.n_kv_heads"), (m.ffn_hidden, "model.ffn_hidden"),
+                                             (m.vocab_size, "model.vocab_size")) if v is not None),
+        (all(len(e) == 2 and e[0] >= 0 and e[0].is_integer() and math.isfinite(e[1]) and e[1] >= 0
+             for e in m.aux_schedule),
+         f"model.aux_schedule must hold [start_step, factor] pairs, a whole start_step >= 0 and a finite factor "
+         f">= 0, got {m.aux_schedule}"),
+        _at_least(d.num_workers, 0, "data.num_workers"),
+        (0 <= d.seed < SEED_LIMIT, f"data.seed must be >= 0{seed_hint}, got {d.seed}"),
+        (0 <= t.seed < SEED_LIMIT, f"train.seed must be >= 0{seed_hint}, got {t.seed}"),
+        _at_least(t.max_steps, 1, "train.max_steps"), _at_least(t.seq_len, 1, "train.seq_len"),
+        _at_least(t.global_batch_size, 1, "train.global_batch_size"),
+        _at_least(t.micro_batch_size, 1, "train.micro_batch_size"),
+        _at_least(t.eval_interval, 0, "train.eval_interval", " (0 turns evaluation off)"),
+        _at_least(t.eval_steps, 1, "train.eval_steps"), _at_least(t.log_interval, 1, "train.log_interval"),
+        _finite(o.lr, "optimizer.lr", 0, True), _finite(o.weight_decay, "optimizer.weight_decay", 0, False),
+        _finite(o.eps, "optimizer.eps", 0, True),
+        _finite(o.grad_clip, "optimizer.grad_clip", 0, False),
+        (len(o.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in o.betas),
+         f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got {o.betas}"),
+        _finite(s.min_lr_ratio, "schedule.min_lr_ratio", 0, False, 1),
+        _at_least(s.warmup_steps, 0, "schedule.warmup_steps"),
+        _at_least(p.tp, 1, "parallel.tp"), _at_least(p.pp, 1, "parallel.pp"),
+        (p.layers_per_stage is None or (len(p.layers_per_stage) == p.pp and min(p.layers_per_stage) >= 0),
+         f"parallel.layers_per_stage={p.layers_per_stage} must list parallel.pp={p.pp} non-negative trunk-layer "
+         "counts, or be null"),
+        *((_at_least(p.dp, 1, "parallel.dp", " (or null: derived from the world size)"),) if p.dp is not None else ()),
+        _at_least(cfg.checkpoint.interval, 1, "checkpoint.interval"),
+        _at_least(cfg.checkpoint.keep, 1, "checkpoint.keep", "; the newest checkpoint is always kept"),
+        _at_least(f.collective_timeout_s, 1, "fault.collective_timeout_s", " (seconds)"),
+        _at_least(f.max_skipped_steps, 0, "fault.max_skipped_steps", " (0 stops at the first NaN/inf step)"),
+        _at_least(f.lock_timeout_s, 1, "fault.lock_timeout_s", " (seconds)"),
+        _at_least(cfg.tracking.close_timeout_s, 0, "tracking.close_timeout_s", " (seconds)"),
+    ]
+    return checks
+
+
 def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
-    m, t, o, s, p = cfg.model, cfg.train, cfg.optimizer, cfg.schedule, cfg.parallel
+    m, t, s, p = cfg.model, cfg.train, cfg.schedule, cfg.parallel
     return [
-        (t.max_steps >= 1, "train.max_steps must be >= 1"),
-        (t.seq_len >= 1, "train.seq_len must be >= 1"),
         (t.seq_len <= m.max_seq_len,
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len"),
-        (t.eval_interval >= 0, "train.eval_interval must be >= 0 (0 turns evaluation off)"),
-        (t.eval_steps >= 1, "train.eval_steps must be >= 1"),
-        (t.log_interval >= 1, "train.log_interval must be >= 1"),
-        (o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}"),
-        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-         "optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]"),
-        (o.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
-        (o.eps > 0, "optimizer.eps must be > 0"),
-        (o.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)"),
         (s.decay in DECAYS, f"schedule.decay must be one of {', '.join(DECAYS)}, got '{s.decay}'"),
         (0 <= s.warmup_steps <= t.max_steps,
          f"schedule.warmup_steps={s.warmup_steps} must be between 0 and train.max_steps={t.max_steps}"),
-        (0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio must be between 0 and 1"),
         (p.pp <= m.trunk_layers,
          f"parallel.pp={p.pp} exceeds the {m.trunk_layers} trunk layers; every pipeline stage needs a layer"),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
@@ -446,13 +505,8 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
          "accumulation come with DeepSpeed's ZeRO optimizers; stage 1 costs no memory at one data-parallel rank)"),
         (cfg.data.on_bad_shard in BAD_SHARD_POLICIES,
          f"data.on_bad_shard must be one of {', '.join(BAD_SHARD_POLICIES)}, got '{cfg.data.on_bad_shard}'"),
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (cfg.checkpoint.interval >= 1, "checkpoint.interval must be >= 1"),
-        (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1; the newest checkpoint is always kept"),
         (bool(cfg.tracking.experiment), "tracking.experiment must not be empty"),
         (bool(cfg.run.dir), "run.dir must not be empty"),
-        (cfg.fault.collective_timeout_s >= 1, "fault.collective_timeout_s must be >= 1 (seconds)"),
-        (cfg.fault.max_skipped_steps >= 0, "fault.max_skipped_steps must be >= 0 (0 stops at the first NaN/inf step)"),
         *_eval_checks(cfg),
     ]
 

@@ -13,24 +13,40 @@ every rank):
                     (engine files on disk, not yet sealed)
     nan             the step's embeddings become NaN, so its loss and every
                     gradient are NaN
+    gate            wait before the step until the file MTP_FAULT_GATE exists
+                    (`{}` in it stands for the gate's label: the step,
+                    `save-STEP`, the moment; or a stop signal arrives), so a test can act at a known
+                    moment: a step, or `gate@launch` (before the stop handlers
+                    exist), `gate@start` (process group up, model not built),
+                    `gate@resume` (checkpoint chosen, not loaded), `gate@end`
+                    (after the last step, before the run's outputs close)
+    gate-in-save    the same while the checkpoint of that step is being written
 
-kill, stop, hang and kill-in-save strike the first attempt only (torchrun's
+Several faults may be given, separated by commas. kill, stop, hang,
+kill-in-save and the gates strike the first attempt only (torchrun's
 TORCHELASTIC_RESTART_COUNT=0), so the restarted group shows the recovery;
 nan strikes every attempt, like a bad batch would. Nothing happens without
 the variable: the hooks cost one comparison each.
 """
+
+from __future__ import annotations
 
 import os
 import re
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-KINDS = ("kill", "stop", "hang", "kill-in-save", "nan")
-_SPEC = re.compile(r"^(?P<kind>[a-z-]+)@(?P<first>\d+)(?:-(?P<last>\d+))?(?::(?P<rank>\d+))?$")
+KINDS = ("kill", "stop", "hang", "kill-in-save", "nan", "gate", "gate-in-save")
+MOMENTS = ("launch", "start", "resume", "end")  # the gate's moments that are not steps
+_SPEC = re.compile(r"^(?P<kind>[a-z-]+)@(?:(?P<moment>[a-z]+)|(?P<first>\d+)(?:-(?P<last>\d+))?)(?::(?P<rank>\d+))?$")
 HANG_S = 24 * 3600  # far past any collective timeout; the launcher kills the sleeper
+GATE_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -39,9 +55,10 @@ class Fault:
     first: int  # first step it strikes
     last: int  # last step it strikes
     rank: int | None  # None = every rank
+    moment: str | None = None  # a gate's moment other than a step (MOMENTS)
 
-    def strikes(self, kind: str, step: int, rank: int) -> bool:
-        if kind != self.kind or not self.first <= step <= self.last:
+    def strikes(self, kind: str, step: int, rank: int, moment: str | None = None) -> bool:
+        if kind != self.kind or moment != self.moment or (moment is None and not self.first <= step <= self.last):
             return False
         if self.rank is not None and rank != self.rank:
             return False
@@ -53,23 +70,33 @@ def parse(spec: str) -> Fault:
     match = _SPEC.match(spec.strip())
     if not match or match["kind"] not in KINDS:
         raise ValueError(f"MTP_FAULT={spec!r} is not KIND@STEP[-STEP][:RANK] with KIND one of {', '.join(KINDS)}")
+    rank = None if match["rank"] is None else int(match["rank"])
+    if match["moment"]:
+        if match["kind"] != "gate" or match["moment"] not in MOMENTS:
+            raise ValueError(f"MTP_FAULT={spec!r}: only gate takes a moment, one of {', '.join(MOMENTS)}")
+        return Fault("gate", 0, 0, rank, match["moment"])
     first = int(match["first"])
     last = int(match["last"] or first)
     if first < 1 or last < first:
         raise ValueError(f"MTP_FAULT={spec!r}: steps count from 1 and a range goes up")
-    return Fault(match["kind"], first, last, None if match["rank"] is None else int(match["rank"]))
+    return Fault(match["kind"], first, last, rank)
 
 
-def from_env() -> Fault | None:
+def parse_all(spec: str) -> list[Fault]:
+    """`gate@start,kill@6:1` -> both faults."""
+    return [parse(part) for part in spec.split(",") if part.strip()]
+
+
+def from_env() -> list[Fault]:
     spec = os.environ.get("MTP_FAULT")
-    return parse(spec) if spec else None
+    return parse_all(spec) if spec else []
 
 
 class FaultInjector:
-    """The trainer's hooks; each does nothing unless the configured fault strikes here and now."""
+    """The trainer's hooks; each does nothing unless a configured fault strikes here and now."""
 
-    def __init__(self, fault: Fault | None, rank: int):
-        self.fault = fault
+    def __init__(self, faults: list[Fault], rank: int):
+        self.faults = faults
         self.rank = rank
 
     def before_step(self, step: int) -> None:
@@ -82,15 +109,24 @@ class FaultInjector:
         if self._strikes("hang", step):
             _announce(f"rank {self.rank} hangs before step {step}")
             time.sleep(HANG_S)
+        if self._strikes("gate", step):
+            wait_at_gate(f"rank {self.rank} before step {step}", str(step))
 
     def during_save(self, step: int) -> None:
         if self._strikes("kill-in-save", step):
             _announce(f"killing rank {self.rank} while it writes the checkpoint of step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._strikes("gate-in-save", step):
+            wait_at_gate(f"rank {self.rank} while it writes the checkpoint of step {step}", f"save-{step}")
+
+    def at(self, moment: str) -> None:
+        """A gate at a moment that is not a step (MOMENTS)."""
+        if any(f.strikes("gate", 0, self.rank, moment) for f in self.faults):
+            wait_at_gate(f"rank {self.rank} at {moment}", moment)
 
     def poison(self, model: torch.nn.Module, step_of) -> None:
         """Make the embedding output NaN on the fault's steps (`step_of()` gives the step in flight)."""
-        if self.fault is None or self.fault.kind != "nan":
+        if not any(f.kind == "nan" for f in self.faults):
             return
         from pretrain.model.vocab import TokenEmbedding
 
@@ -103,7 +139,22 @@ class FaultInjector:
                 module.register_forward_hook(hook)
 
     def _strikes(self, kind: str, step: int) -> bool:
-        return self.fault is not None and self.fault.strikes(kind, step, self.rank)
+        return any(f.strikes(kind, step, self.rank) for f in self.faults)
+
+
+def wait_at_gate(where: str, label: str) -> None:
+    """Block until the gate's file exists or this process got a stop signal (torchrun stops workers with TERM).
+
+    The file is MTP_FAULT_GATE, with `{}` in it replaced by the gate's label
+    (the step, `save-STEP` or the moment), so several gates open one by one.
+    """
+    from pretrain.signals import received
+
+    gate = os.environ["MTP_FAULT_GATE"].replace("{}", label)  # present: pretrain.startup checks
+    _announce(f"{where} waits for {gate}")
+    while not Path(gate).exists() and received() is None:
+        time.sleep(GATE_POLL_S)
+    _announce(f"{where} goes on")
 
 
 def _announce(line: str) -> None:

@@ -7,10 +7,19 @@ device (`add`); `flush` reads every pending step's losses in one host
 synchronisation and writes them out, so the training loop never waits for
 the GPU just to log. The trainer flushes at logged steps, before each
 checkpoint (metrics.jsonl then covers every checkpointed step) and at the end.
+MLflow gets each step through a queue (`pretrain.tracking_background`), so
+the tracker never stalls a step either.
+
+A write that fails (a full disk, a lost mount) ends the run with one line
+naming the file and the step, and exit 1: lines already written stay, a
+half-written last line is dropped by the next resume, and the newest
+checkpoint is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +27,10 @@ import torch
 
 from parallel.runtime import Runtime
 from pretrain.config import RunConfig, config_to_dict, save_config
+from pretrain.errors import RunFailure
 from pretrain.metrics import MetricsWriter, StepMetrics, format_progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,17 +64,34 @@ class RunOutputs:
         self.cfg = cfg
         self.runtime = runtime
         self.run_dir = Path(cfg.run.dir)
-        self.tracker = make_tracker(cfg, runtime.place.rank, run_id)
-        self.run_id = getattr(self.tracker, "run_id", None)
+        self.step = step  # the step being written, for error lines
         resume = step if step > 0 else None
-        self.metrics = self._open_metrics(step, resume) if runtime.is_main else None
-        self.samples = self._open_samples(resume)
+        with self._io("config.yaml"):  # before MLflow: a full disk must not leave a run there with no metrics
+            if runtime.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, str(self.run_dir / "config.yaml"))
+        self.tracker = make_tracker(cfg, runtime.place.rank, run_id, resume)
+        self.run_id = getattr(self.tracker, "run_id", None)
+        with self._io("metrics.jsonl"):
+            self.metrics = self._open_metrics(step, resume) if runtime.is_main else None
+        with self._io("samples/"):
+            self.samples = self._open_samples(resume)
         self.pending: list[PendingStep] = []
         self.last: StepMetrics | None = None
 
+    @contextlib.contextmanager
+    def _io(self, what: str):
+        """A failed write of `what` (relative to run.dir) as one line naming it and the step."""
+        try:
+            yield
+        except OSError as err:
+            raise RunFailure(
+                f"step {self.step}: {err.strerror or err} writing {self.run_dir / what}; nothing older was lost: "
+                f"free space (or fix the file system), then re-run the same command to resume from the newest "
+                f"complete checkpoint in {self.cfg.checkpoint_dir}"
+            ) from None
+
     def _open_metrics(self, step: int, resume: int | None) -> MetricsWriter:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, str(self.run_dir / "config.yaml"))
         if self.run_id:
             (self.run_dir / "mlflow_run_id").write_text(self.run_id + "\n")
         if step == 0:
@@ -70,15 +99,28 @@ class RunOutputs:
         return MetricsWriter(str(self.run_dir / "metrics.jsonl"), resume_step=resume)
 
     def _open_samples(self, resume: int | None) -> MetricsWriter | None:
-        """`samples/dp<r>.jsonl` on the rank that reads each data-parallel replica's batches, if asked for."""
+        """`samples/dp<r>.jsonl` on the rank that reads each data-parallel replica's batches, if asked for.
+
+        Rank 0 also trims the logs of replicas this layout no longer has (an
+        elastic run that lost a node): their rows past the resumed step were
+        rolled back, and an audit must not count them.
+        """
         place = self.runtime.place
-        if not (self.cfg.data.log_sample_ids and place.is_first_stage and place.tp_rank == 0):
+        if not self.cfg.data.log_sample_ids:
+            return None
+        if self.runtime.is_main and resume is not None:
+            for path in (self.run_dir / "samples").glob("dp*.jsonl"):
+                if path.stem[2:].isdigit() and int(path.stem[2:]) >= place.dp_size:
+                    MetricsWriter(str(path), resume_step=resume).close()
+        if not (place.is_first_stage and place.tp_rank == 0):
             return None
         return MetricsWriter(str(self.run_dir / "samples" / f"dp{place.dp_rank}.jsonl"), resume_step=resume)
 
     def add(self, step: PendingStep, sample_ids: list[int]) -> None:
+        self.step = step.step
         if self.samples is not None:
-            self.samples.write_row({"step": step.step, "ids": sample_ids})
+            with self._io(f"samples/dp{self.runtime.place.dp_rank}.jsonl"):
+                self.samples.write_row({"step": step.step, "ids": sample_ids})
         self.pending.append(step)
 
     def flush(self) -> StepMetrics | None:
@@ -97,7 +139,9 @@ class RunOutputs:
     def _write(self, record: StepMetrics, eta_s: float) -> None:
         if not self.runtime.is_main:
             return
-        self.metrics.write(record)
+        self.step = record.step
+        with self._io("metrics.jsonl"):
+            self.metrics.write(record)
         self.tracker.log_metrics(record.scalars(), step=record.step)
         max_steps = self.cfg.train.max_steps
         if record.step % self.cfg.train.log_interval == 0 or record.step == max_steps:
@@ -106,21 +150,45 @@ class RunOutputs:
                                   data_share=_data_share(record.extra)), flush=True)
 
     def close(self, status: str, summary: list[str] | None = None) -> None:
-        """Flush, end the MLflow run with `status` and close every file; the summary is printed last."""
-        self.flush()
-        if self.samples is not None:
-            self.samples.close()
+        """Flush, end the MLflow run with `status` and close every file; the summary is printed last.
+
+        A run that failed (`summary` None) closes what it can and raises
+        nothing more: the error that ended it is the one line the user sees.
+        """
+        failing = summary is None
+        with self._quiet_if(failing), self._io("metrics.jsonl"):
+            self.flush()
+        for writer, what in ((self.samples, "samples/"), (self.metrics, "metrics.jsonl")):
+            if writer is not None:
+                with self._quiet_if(failing), self._io(what):
+                    writer.close()
         if not self.runtime.is_main:
             return
-        self.metrics.close()
-        if summary is not None:
-            self._log_artifacts()
-        self.tracker.close(status)
-        if summary is not None:
+        if not failing:
+            with self._io("head_losses.png"):
+                self._log_artifacts()
+        missing = self.tracker.close(status)
+        if missing:
+            log.warning("%s", missing)
+        if not failing:
             uri = getattr(self.tracker, "uri", None)
             if uri:
                 summary.append(f"MLflow run {self.run_id} in {uri}  (view: mlflow ui --backend-store-uri {uri})")
             print("\n".join(summary), flush=True)
+
+    @staticmethod
+    def _quiet_if(failing: bool):
+        """While a failed run closes, a second failure (the same full disk) is logged, not raised."""
+        if not failing:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def quiet():
+            try:
+                yield
+            except RunFailure as err:
+                log.warning("while closing after the failure: %s", err)
+        return quiet()
 
     def _log_artifacts(self) -> None:
         from pretrain.tracking import plot_head_curves

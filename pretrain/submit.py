@@ -103,6 +103,7 @@ def _export(args, cfg: RunConfig) -> str:
     values = {
         "NPROC_PER_NODE": _nproc(args), "MIN_NODES": _min_nodes(args), "MAX_RESTARTS": args.max_restarts,
         "MTP_PYTHON": sys.executable, "MTP_FINAL_CHECKPOINT": final,
+        "MTP_CONTROL_DIR": Path(cfg.run.dir).resolve() / SUBMIT_DIR,  # the stop/ready handshake of the script
     }
     for name, value in values.items():
         if "," in str(value):

@@ -2,12 +2,16 @@
 
 Uses `MlflowClient` directly: no global active run, so a library user's own
 `mlflow.start_run()` is never disturbed and a resumed job logs into the run
-id its checkpoint recorded. Metrics are buffered and sent with `log_batch`,
-because one HTTP round trip per scalar would stall the training loop on a
-remote server. A tracking outage mid-run never ends the run: failed batches
-are kept for the next flush. Each failing flush does block for MLflow's own
-HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7 with backoff); lower
-that variable on clusters where a stalled step costs more than lost metrics.
+id its checkpoint recorded. `Tracker` is the synchronous client of one run;
+the training loop never calls it: rank 0 hands every step to a
+`pretrain.tracking_background.BackgroundTracker`, whose thread does the
+network I/O, so a slow or unreachable server never stalls a step.
+
+MLflow's own HTTP settings are shortened here (unless already set): a
+request gives up after MLFLOW_HTTP_REQUEST_TIMEOUT=5 s and is retried
+MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 time after ~1 s, instead of 120 s and 7
+retries with exponential backoff (minutes per call). Only the start of a
+fresh run (create the run, log the params) and `close` wait for MLflow.
 """
 
 import json
@@ -19,6 +23,12 @@ from pathlib import Path
 # MLflow starts its usage telemetry at import unless told not to; nothing
 # here may reach the network except the tracking URI the user configured.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+HTTP_DEFAULTS = {  # read by MLflow at every request
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 from matplotlib.figure import Figure  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
@@ -33,16 +43,23 @@ log = logging.getLogger(__name__)
 
 
 class Tracker:
-    """One MLflow run: created, or resumed when `run_id` is given."""
+    """One MLflow run: created, or resumed when `run_id` is given.
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, flush_interval_s: float = 10.0):
+    A fresh run needs the server now (a wrong URI should fail at once); a
+    resumed run does not: its id is known, and `confirm` marks it running
+    again once the server answers.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None):
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        self.flush_interval_s = flush_interval_s
-        self._buffer: list[Metric] = []
-        self._last_flush = time.monotonic()
+        self.confirmed = run_id is None
+        if run_id:
+            self.run_id = run_id
+            self._check_resumable()
+            return
         try:
-            self.run_id = self._resume(run_id) if run_id else self._create(experiment, run_name)
+            self.run_id = self._create(experiment, run_name)
         except MlflowException as err:
             raise UserError(
                 f"MLflow tracking at {uri} failed: {_first_line(err)}; check tracking.uri / MLFLOW_TRACKING_URI "
@@ -57,16 +74,25 @@ class Tracker:
             experiment_id = self.client.create_experiment(experiment, artifact_location=_local_artifact_root(self.uri))
         return self.client.create_run(experiment_id, run_name=run_name).info.run_id
 
-    def _resume(self, run_id: str) -> str:
+    def _check_resumable(self) -> None:
+        """A store that answers must know the run; one that does not answer is tried again later."""
         try:
-            self.client.get_run(run_id)
-        except MlflowException:
-            raise UserError(
-                f"MLflow run {run_id} recorded in the checkpoint does not exist at {self.uri}; point tracking.uri "
-                "at the store the run started with, or set tracking.enabled=false"
-            ) from None
-        self.client.update_run(run_id, status="RUNNING")
-        return run_id
+            self.confirm()
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise UserError(
+                    f"MLflow run {self.run_id} recorded in the checkpoint does not exist at {self.uri}; point "
+                    "tracking.uri at the store the run started with, or set tracking.enabled=false"
+                ) from None
+            log.warning("MLflow at %s unreachable (%s); training resumes and its metrics are sent once it answers",
+                        self.uri, _first_line(err))
+
+    def confirm(self) -> None:
+        """Mark the resumed run running again (raises while the store is unreachable)."""
+        if not self.confirmed:
+            self.client.get_run(self.run_id)
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.confirmed = True
 
     def log_params(self, params: dict) -> None:
         """Log params; on a resumed run, keys already logged are kept and a changed value is warned about.
@@ -85,44 +111,27 @@ class Tracker:
         for i in range(0, len(fresh), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=fresh[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer one step's metrics; sent when the buffer is full or `flush_interval_s` has passed."""
+    def send(self, rows: list[dict]) -> None:
+        """Log metrics.jsonl-shaped rows ({"step": s, name: value, ...}); raises if MLflow does not take them."""
         now_ms = int(time.time() * 1000)
-        self._buffer.extend(Metric(key, float(value), now_ms, step) for key, value in metrics.items())
-        if len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self.flush()
-
-    def flush(self) -> bool:
-        """Send buffered metrics; on failure keep them for the next try and return False."""
-        self._last_flush = time.monotonic()
-        while self._buffer:
-            batch = self._buffer[:MAX_METRICS_PER_BATCH]
-            try:
-                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-            except Exception as err:  # noqa: BLE001 -- any tracking failure must not end training
-                log.warning("MLflow at %s unreachable (%s); %d metrics kept for the next flush",
-                            self.uri, _first_line(err), len(self._buffer))
-                return False
-            del self._buffer[: len(batch)]
-        return True
+        metrics = [Metric(key, float(value), now_ms, row["step"]) for row in rows
+                   for key, value in row.items() if key != "step"]
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
 
     def log_artifact(self, path: str) -> None:
         self.client.log_artifact(self.run_id, path)
 
-    def close(self, status: str = "FINISHED") -> None:
-        """Flush and mark the run ended ("FINISHED", "FAILED" or "KILLED")."""
-        if not self.flush():
-            log.warning("%d metrics never reached MLflow at %s", len(self._buffer), self.uri)
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except MlflowException as err:
-            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, _first_line(err))
+    def terminate(self, status: str) -> None:
+        """Mark the run ended: "FINISHED", "FAILED" or "KILLED"."""
+        self.client.set_terminated(self.run_id, status=status)
 
 
 class NullTracker:
     """What ranks other than 0, and runs with tracking disabled, log into."""
 
     run_id: str | None = None
+    uri: str | None = None
 
     def log_params(self, params: dict) -> None:
         pass
@@ -130,21 +139,21 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def flush(self) -> bool:
-        return True
-
     def log_artifact(self, path: str) -> None:
         pass
 
-    def close(self, status: str = "FINISHED") -> None:
-        pass
+    def close(self, status: str = "FINISHED") -> str | None:
+        return None
 
 
-def make_tracker(cfg: RunConfig, rank: int, run_id: str | None = None) -> Tracker | NullTracker:
-    """A real Tracker on rank 0 when tracking is enabled; `run_id` resumes that run."""
+def make_tracker(cfg: RunConfig, rank: int, run_id: str | None = None, resume_step: int | None = None):
+    """Rank 0 with tracking enabled: a `BackgroundTracker` of the run (`run_id` resumes it); else a NullTracker."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    return Tracker(resolve_tracking_uri(cfg), cfg.tracking.experiment, cfg.run_name, run_id)
+    from pretrain.tracking_background import BackgroundTracker
+
+    tracker = Tracker(resolve_tracking_uri(cfg), cfg.tracking.experiment, cfg.run_name, run_id)
+    return BackgroundTracker(tracker, Path(cfg.run.dir), resume_step, cfg.tracking.close_timeout_s)
 
 
 def resolve_tracking_uri(cfg: RunConfig) -> str:

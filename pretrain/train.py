@@ -21,14 +21,16 @@ from parallel.runtime import Runtime
 from parallel.runtime import start as start_runtime
 from parallel.topology import layout_record
 from pretrain import checkpoint as ckpt
-from pretrain.config import RunConfig, check_data_dir, load_config, save_config, validate
+from pretrain.config import RunConfig, save_config
 from pretrain.errors import RunFailure, UserError
 from pretrain.evaluation.periodic import evaluate_checkpoint
 from pretrain.faults import FaultInjector, from_env
 from pretrain.metrics import StepMetrics, Throughput
 from pretrain.model.config import NOT_IDENTITY
 from pretrain.outputs import PendingStep, RunOutputs
-from pretrain.signals import StopFlag
+from pretrain.runlock import RunLock, hold_run_dir
+from pretrain.signals import StopFlag, announce_ready
+from pretrain.startup import prepare
 
 log = logging.getLogger("mtp.train")
 
@@ -36,7 +38,7 @@ log = logging.getLogger("mtp.train")
 class Trainer:
     """One training run: the loop, resume, checkpoints; the engine behind `parallel.steps.Steps`."""
 
-    def __init__(self, cfg: RunConfig, runtime: Runtime):
+    def __init__(self, cfg: RunConfig, runtime: Runtime, run_lock: RunLock | None = None):
         from parallel.steps import Steps
 
         self.cfg = cfg
@@ -50,7 +52,7 @@ class Trainer:
         self.faults.poison(self.steps.model, lambda: self.step + 1)
         # Pipeline stages between the first and the last never see a batch.
         self.loader = self._loader("train") if self.place.feeds_data else None
-        self.stop = StopFlag(runtime.control_group)
+        self.stop = StopFlag(runtime.control_group, run_lock)
         self.step = 0
         self.tokens = 0
         self.run_id: str | None = None
@@ -157,18 +159,27 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> int:
         """Train to `train.max_steps`, or for `stop_after` more steps, or until a stop signal."""
         cfg = self.cfg
+        self.faults.at("resume")
         self.resume()
         last_step = min(cfg.train.max_steps, self.step + stop_after) if stop_after else cfg.train.max_steps
         outputs = RunOutputs(cfg, self.runtime, self.step, self.run_id)
         self.run_id = outputs.run_id
         try:
-            self._loop(last_step, outputs)
+            early_stop = self.stop.agreed()  # a stop during start-up or resume: the newest checkpoint is all there is
+            if early_stop:
+                self._print(f"stop signal received before training: nothing new to checkpoint (step {self.step}), "
+                            "exiting")
+            else:
+                self._loop(last_step, outputs)
             self.stop.settle()
-            val = self.last_val or self.evaluate()
+            self.faults.at("end")
+            val = None if early_stop else self.last_val or self.evaluate()
         except Exception as err:
             outputs.close("FAILED")
             if _is_timeout(err):
                 raise self._timed_out() from err
+            if _is_peer_lost(err):
+                raise self._peer_lost(err) from err
             raise
         outputs.close("FINISHED" if self.step >= cfg.train.max_steps else "KILLED", self._summary(val))
         dist.barrier()
@@ -205,6 +216,7 @@ class Trainer:
                 outputs.flush()  # the one host synchronisation for the steps since the last flush
             if checkpointing:
                 self.save()
+                stopping = stopping or self.stop.agreed()  # a stop during the write: this checkpoint is the one
                 if not stopping:  # eval.suites every eval.interval steps, on the checkpoint just saved
                     evaluate_checkpoint(cfg, self.step, self.runtime)
             if stopping:
@@ -237,6 +249,13 @@ class Trainer:
             "exiting so the launcher restarts the group from the newest checkpoint"
         )
 
+    def _peer_lost(self, err: Exception) -> RunFailure:
+        """A peer process died (lost node, killed worker): one line, exit 1, so the launcher re-forms the group."""
+        return RunFailure(
+            f"rank {self.place.rank}, step {self.step + 1}: a peer rank is gone ({_first_line(err)}); exiting so "
+            "the launcher re-forms the group (with the nodes left, if elastic) from the newest checkpoint"
+        )
+
     def _maybe_evaluate(self, pending: PendingStep) -> None:
         interval = self.cfg.train.eval_interval
         if interval and (self.step % interval == 0 or self.step == self.cfg.train.max_steps):
@@ -246,11 +265,11 @@ class Trainer:
             pending.extra.update(validation_metrics(self.val_by_source))
             self._print(f"eval step {self.step} | val heads " + " ".join(f"{v:.3f}" for v in val))
 
-    def _summary(self, val: list[float]) -> list[str]:
-        return [
-            f"run {self.cfg.run.dir}: {self.step} steps, {self.tokens} tokens",
-            "validation loss per head: " + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(val, start=1)),
-        ]
+    def _summary(self, val: list[float] | None) -> list[str]:
+        lines = [f"run {self.cfg.run.dir}: {self.step} steps, {self.tokens} tokens"]
+        if val is not None:
+            lines.append("validation loss per head: " + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(val, start=1)))
+        return lines
 
     def _step_extra(self, result, step_s: float) -> dict[str, float]:
         """Per-step figures beside the losses: skips, host time of the step and its data wait, peak memory.
@@ -289,6 +308,18 @@ def _is_timeout(err: Exception) -> bool:
     return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+def _is_peer_lost(err: Exception) -> bool:
+    """gloo's words for a peer process that died mid-collective."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        words in text for words in ("connection closed by peer", "connection reset by peer", "broken pipe"))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def _recorded(batches, ids: list[int]):
     """Pass batches through, appending each one's window ids to `ids`."""
     for batch in batches:
@@ -307,20 +338,24 @@ def _layout_text(layout: dict) -> str:
     return f"tp={layout['tp']} pp={layout['pp']} dp={layout['dp']} zero_stage={layout['zero_stage']}"
 
 
-def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world)
-    check_data_dir(cfg)
+def run(args, cfg: RunConfig | None = None) -> int:
+    """`mtp train`: the checked config (`pretrain.startup`), then the runtime and trainer under the run-dir lock."""
+    cfg = cfg or prepare(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
-    tokenizer = load_tokenizer(tokenizer_location(cfg.data))
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    runtime = start_runtime(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dtype, cfg.fault.collective_timeout_s,
-                            seed=cfg.train.seed, kernels=cfg.model.kernels)
-    if runtime.is_main:
-        print(f"runtime: {runtime.place.world_size} process(es) on {runtime.device_name()} ({runtime.backend}), "
-              f"{runtime.dtype_name}, {runtime.kernels} kernels", flush=True)
-    return Trainer(cfg, runtime).fit(stop_after=args.stop_after)
+    run_lock = hold_run_dir(cfg.run.dir, cfg.fault.lock_timeout_s)  # rank 0; before anything in run.dir is touched
+    try:
+        runtime = start_runtime(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dtype,
+                                cfg.fault.collective_timeout_s, seed=cfg.train.seed, kernels=cfg.model.kernels)
+        if runtime.is_main:
+            print(f"runtime: {runtime.place.world_size} process(es) on {runtime.device_name()} ({runtime.backend}), "
+                  f"{runtime.dtype_name}, {runtime.kernels} kernels", flush=True)
+            announce_ready()  # every rank is up with its stop handlers: the batch script may deliver a held stop
+        _fault_injector(runtime.place.rank).at("start")
+        if StopFlag(runtime.control_group, run_lock).agreed():
+            if runtime.is_main:
+                print("stop signal received during start-up: nothing to checkpoint yet, exiting", flush=True)
+            return 0
+        return Trainer(cfg, runtime, run_lock).fit(stop_after=args.stop_after)
+    finally:
+        if run_lock is not None:
+            run_lock.release()

@@ -37,7 +37,10 @@ def _prompt_file(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--prompt-file {path} not found; pass a text or .jsonl file")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prompt-file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if file.suffix != ".jsonl":
         return [text]
     prompts = []

@@ -47,11 +47,11 @@ def cluster():
     started.stop()
 
 
-def submit(cluster: SlurmCluster, run_dir: Path, data: Path, *extra: str, check: bool = True):
-    """`mtp submit` of the tiny config as 2 processes on the one node."""
+def submit(cluster: SlurmCluster, run_dir: Path, data: Path, *extra: str, check: bool = True, **env: str):
+    """`mtp submit` of the tiny config as 2 processes on the one node (`env`: more for the job's environment)."""
     return run_mtp("submit", "--config", "configs/tiny-cpu.yaml", "--nodes", "1", "--nproc-per-node", "2",
                    *TINY, f"data.dir={data}", f"run.dir={run_dir}", *extra,
-                   env=mtp_env(SLURM_CONF=str(cluster.conf)), check=check)
+                   env=mtp_env(SLURM_CONF=str(cluster.conf), **env), check=check)
 
 
 def job_id(submitted) -> int:
@@ -188,6 +188,24 @@ def test_stop_after_training_finished_does_not_requeue(cluster, reference, small
     log = job_log(run_dir, job)
     assert info["Restarts"] == "0", shown(run_dir, job)
     assert "training finished before the stop; not requeueing" in log, shown(run_dir, job)
+
+
+def test_a_stop_before_training_is_ready_is_held_then_delivered(cluster, reference, small_corpus, tmp_path):
+    """USR1 while every worker waits before installing its handlers: the batch shell holds it, training
+    picks it up when ready, stops with nothing to save, the job requeues and finishes as the reference."""
+    run_dir, gate = tmp_path / "held", tmp_path / "gate"
+    job = job_id(submit(cluster, run_dir, small_corpus, MTP_FAULT="gate@launch", MTP_FAULT_GATE=str(gate)))
+    wait_until(cluster, run_dir, job, "its workers wait at the gate", lambda: "waits for" in job_log(run_dir, job))
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    wait_until(cluster, run_dir, job, "the stop is held", lambda: "holding the stop" in job_log(run_dir, job))
+    gate.touch()
+    info = finish(cluster, run_dir, job)
+    log = job_log(run_dir, job)
+    assert info["Restarts"] == "1", shown(run_dir, job)
+    assert "stop signal received during start-up: nothing to checkpoint yet" in log, shown(run_dir, job)
+    assert "exited with status 0" in log and f"requeued job {job}" in log, shown(run_dir, job)
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, 21))
+    assert flat_head_losses(run_dir) == pytest.approx(flat_head_losses(reference[0]), rel=1e-6)
 
 
 def test_dry_run_writes_script_and_command_without_submitting(cluster, small_corpus, tmp_path):

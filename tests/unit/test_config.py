@@ -165,7 +165,7 @@ def cfg_with(*overrides: str) -> RunConfig:
     (["parallel.tp=3", "model.d_model=192", "model.n_heads=6"], 3, "parallel.tp=3 must divide the feed-forward size"),
     (["parallel.tp=8", "train.global_batch_size=4"], 8, "parallel.tp=8 must divide model.n_heads=4"),
     (["model.n_kv_heads=1", "parallel.tp=2"], 2, "parallel.tp=2 must divide model.n_kv_heads=1"),
-    (["optimizer.lr=0"], 1, "optimizer.lr must be > 0"),
+    (["optimizer.lr=0"], 1, "optimizer.lr must be a finite number > 0"),
     (["schedule.warmup_steps=2000"], 1, "schedule.warmup_steps=2000 must be between 0 and train.max_steps=1000"),
     (["schedule.decay=step"], 1, "schedule.decay must be one of cosine, linear, constant"),
     (["optimizer.betas=[0.9]"], 1, "optimizer.betas must be two numbers in [0, 1)"),

@@ -19,6 +19,7 @@ from pretrain.config import apply_overrides, config_to_dict, from_dict
 from pretrain.errors import UserError
 from pretrain.metrics import MetricsWriter, StepMetrics
 from pretrain.tracking import NullTracker, Tracker, make_tracker, plot_head_curves, resolve_tracking_uri
+from pretrain.tracking_background import BackgroundTracker
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -31,13 +32,16 @@ def head_metrics(step: int) -> dict[str, float]:
     return {"loss": 3.0 - step / 10, **{f"loss_head{k}": 2.0 + k - step / 10 for k in range(1, 5)}}
 
 
+def rows(*steps: int) -> list[dict]:
+    return [{"step": s, **head_metrics(s)} for s in steps]
+
+
 def test_run_in_sqlite_store_has_params_and_per_head_metrics(tmp_path):
     cfg = from_dict(apply_overrides({}, [f"run.dir={tmp_path}", "model.n_future=4"]))
     tracker = Tracker(sqlite_uri(tmp_path), "exp", "run-a", None)
     tracker.log_params(config_to_dict(cfg))
-    for step in (1, 2, 3):
-        tracker.log_metrics(head_metrics(step), step)
-    tracker.close()
+    tracker.send(rows(1, 2, 3))
+    tracker.terminate("FINISHED")
 
     client = MlflowClient(sqlite_uri(tmp_path))
     run = client.get_run(tracker.run_id)
@@ -55,7 +59,7 @@ def test_artifacts_of_sqlite_store_stay_beside_the_database(tmp_path, monkeypatc
     config.write_text("train: {}\n")
     tracker = Tracker(sqlite_uri(tmp_path), "exp", "run-a", None)
     tracker.log_artifact(str(config))
-    tracker.close()
+    tracker.terminate("FINISHED")
     stored = list((tmp_path / "mlartifacts").rglob("config.yaml"))
     assert len(stored) == 1 and stored[0].read_text() == "train: {}\n"
     assert not Path("mlruns").exists()
@@ -64,8 +68,8 @@ def test_artifacts_of_sqlite_store_stay_beside_the_database(tmp_path, monkeypatc
 def test_resume_logs_into_the_same_run(tmp_path, caplog):
     first = Tracker(sqlite_uri(tmp_path), "exp", "run-a", None)
     first.log_params({"train.max_steps": 10, "model.n_future": 4})
-    first.log_metrics(head_metrics(1), 1)
-    first.close(status="KILLED")
+    first.send(rows(1))
+    first.terminate("KILLED")
 
     second = Tracker(sqlite_uri(tmp_path), "exp", "ignored", first.run_id)
     assert second.run_id == first.run_id
@@ -74,8 +78,8 @@ def test_resume_logs_into_the_same_run(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
         second.log_params({"train.max_steps": 20, "model.n_future": 4, "data.seed": 5})
     assert "train.max_steps stays '10'" in caplog.text
-    second.log_metrics(head_metrics(2), 2)
-    second.close()
+    second.send(rows(2))
+    second.terminate("FINISHED")
 
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
@@ -85,21 +89,37 @@ def test_resume_logs_into_the_same_run(tmp_path, caplog):
 
 
 def test_resuming_an_unknown_run_is_a_user_error(tmp_path):
-    Tracker(sqlite_uri(tmp_path), "exp", "run-a", None).close()
+    Tracker(sqlite_uri(tmp_path), "exp", "run-a", None).terminate("FINISHED")
     with pytest.raises(UserError, match="MLflow run 0123abcd recorded in the checkpoint does not exist"):
         Tracker(sqlite_uri(tmp_path), "exp", "run-a", "0123abcd")
 
 
-def test_metrics_are_buffered_until_flush(tmp_path):
-    tracker = Tracker(sqlite_uri(tmp_path), "exp", "run-a", None, flush_interval_s=3600)
-    tracker.log_metrics({"loss": 1.0}, 1)
-    client = MlflowClient(sqlite_uri(tmp_path))
-    assert client.get_run(tracker.run_id).data.metrics == {}
-    assert tracker.flush()
-    assert client.get_run(tracker.run_id).data.metrics == {"loss": 1.0}
-    tracker.close()
+def feed(tracker: BackgroundTracker, writer: MetricsWriter, steps) -> None:
+    """What RunOutputs does per step: metrics.jsonl first, then the queue."""
+    for row in rows(*steps):
+        writer.write_row(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
 
 
+def wait_for(what: str, ready, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def logged_steps(uri: str, run_id: str) -> list[int]:
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss_head1")]
+
+
+def test_background_tracker_sends_queued_steps_and_the_final_status(tmp_path):
+    writer = MetricsWriter(str(tmp_path / "metrics.jsonl"))
+    tracker = BackgroundTracker(Tracker(sqlite_uri(tmp_path), "exp", "run-a", None), tmp_path, None, 60)
+    feed(tracker, writer, range(1, 8))
+    assert tracker.close("FINISHED") is None
+    assert logged_steps(sqlite_uri(tmp_path), tracker.run_id) == list(range(1, 8))
+    assert MlflowClient(sqlite_uri(tmp_path)).get_run(tracker.run_id).info.status == "FINISHED"
+    assert (tmp_path / "mlflow_sent_step").read_text().split() == [tracker.run_id, "7"]
 def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = from_dict(apply_overrides({}, [f"run.dir={tmp_path / 'run'}"]))
@@ -119,8 +139,8 @@ def test_make_tracker_is_a_no_op_off_rank_zero_or_when_disabled(tmp_path, monkey
     assert isinstance(make_tracker(cfg, rank=0), NullTracker)
     cfg.tracking.enabled = True
     tracker = make_tracker(cfg, rank=0)
-    assert isinstance(tracker, Tracker) and (tmp_path / "mlflow.db").exists()
-    tracker.close()
+    assert isinstance(tracker, BackgroundTracker) and (tmp_path / "mlflow.db").exists()
+    assert tracker.close() is None
     assert MlflowClient(sqlite_uri(tmp_path)).get_run(tracker.run_id).info.run_name == tmp_path.name
 
 
@@ -142,6 +162,7 @@ def mlflow_server(tmp_path: Path, port: int):
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
+    (tmp_path / "server.pid").write_text(str(proc.pid))
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/health", tmp_path / f"server-{port}.log")
         yield f"http://127.0.0.1:{port}"
@@ -153,6 +174,11 @@ def mlflow_server(tmp_path: Path, port: int):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def server_pid(tmp_path: Path) -> int:
+    """The process group of the newest `mlflow_server` started in tmp_path (it leads its own session)."""
+    return int((tmp_path / "server.pid").read_text())
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, deadline_s: float = 180) -> None:
@@ -173,11 +199,11 @@ def test_real_server_receives_the_run(tmp_path):
     with mlflow_server(tmp_path, free_port()) as uri:
         tracker = Tracker(uri, "exp", "remote", None)
         tracker.log_params({"model.n_future": 4})
-        tracker.log_metrics(head_metrics(1), 1)
+        tracker.send(rows(1))
         artifact = tmp_path / "config.yaml"
         artifact.write_text("model: {n_future: 4}\n")
         tracker.log_artifact(str(artifact))
-        tracker.close()
+        tracker.terminate("FINISHED")
         run = MlflowClient(uri).get_run(tracker.run_id)
         assert run.data.params == {"model.n_future": "4"}
         assert run.data.metrics["loss_head4"] == pytest.approx(5.9)
@@ -187,21 +213,63 @@ def test_real_server_receives_the_run(tmp_path):
     assert list((tmp_path / "artifacts").rglob("config.yaml"))
 
 
-def test_server_outage_keeps_metrics_for_the_next_flush(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    port = free_port()
-    with mlflow_server(tmp_path, port) as uri:
-        tracker = Tracker(uri, "exp", "remote", None, flush_interval_s=3600)
-        tracker.log_metrics({"loss": 3.0}, 1)
+def test_server_down_mid_run_loses_no_step_and_warns_once_each_way(tmp_path, caplog):
+    """A real server stopped after step 3 and started again after step 8: MLflow ends with steps 1-10, once each."""
+    port, run_dir = free_port(), tmp_path / "run"
+    run_dir.mkdir()
+    writer = MetricsWriter(str(run_dir / "metrics.jsonl"))
     with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
-        assert not tracker.flush()
-    assert "1 metrics kept for the next flush" in caplog.text
+        with mlflow_server(tmp_path, port) as uri:
+            tracker = BackgroundTracker(Tracker(uri, "exp", "remote", None), run_dir, None, close_timeout_s=120)
+            feed(tracker, writer, range(1, 4))
+            wait_for("steps 1-3 sent", lambda: tracker.sent == 3)
+        feed(tracker, writer, range(4, 9))
+        wait_for("the outage noticed", lambda: tracker.down)
+        with mlflow_server(tmp_path, port):
+            feed(tracker, writer, range(9, 11))
+            assert tracker.close("FINISHED") is None
+            assert logged_steps(uri, tracker.run_id) == list(range(1, 11))
+            assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FINISHED"
+    assert caplog.text.count("unreachable") == 1 and caplog.text.count("is back") == 1, caplog.text
+
+
+def test_a_frozen_server_never_blocks_logging_and_close_is_bounded(tmp_path, monkeypatch):
+    """SIGSTOPped server, requests that would wait an hour: steps are queued at once; close gives up in time."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3600")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    writer = MetricsWriter(str(run_dir / "metrics.jsonl"))
+    with mlflow_server(tmp_path, free_port()) as uri:
+        tracker = BackgroundTracker(Tracker(uri, "exp", "frozen", None), run_dir, None, close_timeout_s=2)
+        server = server_pid(tmp_path)
+        os.killpg(server, signal.SIGSTOP)
+        try:
+            feed(tracker, writer, range(1, 200))  # the thread is stuck in a request; the queue takes these
+            missing = tracker.close("FINISHED")
+        finally:
+            os.killpg(server, signal.SIGCONT)
+    assert missing and "tracking.close_timeout_s=2" in missing and "next `mtp train`" in missing
+
+
+def test_resume_while_the_server_is_down_catches_up_from_metrics_jsonl(tmp_path, caplog):
+    """Killed at step 4 with MLflow holding steps 1-2; resumed at 4 while the server is down; all of 1-6 arrive."""
+    port, run_dir = free_port(), tmp_path / "run"
+    run_dir.mkdir()
+    with mlflow_server(tmp_path, port) as uri:
+        first = Tracker(uri, "exp", "resumed", None)
+        first.send(rows(1, 2))
+    (run_dir / "mlflow_sent_step").write_text(f"{first.run_id} 2\n")
+    writer = MetricsWriter(str(run_dir / "metrics.jsonl"))
+    for row in rows(1, 2, 3, 4):
+        writer.write_row(row)
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        resumed = BackgroundTracker(Tracker(uri, "exp", "ignored", first.run_id), run_dir, 4, close_timeout_s=120)
+    assert "training resumes" in caplog.text
+    feed(resumed, writer, (5, 6))
     with mlflow_server(tmp_path, port):
-        tracker.log_metrics({"loss": 2.0}, 2)
-        tracker.close()
-        history = MlflowClient(uri).get_metric_history(tracker.run_id, "loss")
-    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0)]
+        assert resumed.close("FINISHED") is None
+        assert logged_steps(uri, first.run_id) == list(range(1, 7))
+        assert MlflowClient(uri).get_run(first.run_id).info.status == "FINISHED"
 
 
 def test_unreachable_server_at_start_is_a_user_error(monkeypatch):
@@ -233,5 +301,4 @@ def test_null_tracker_accepts_everything():
     tracker = NullTracker()
     tracker.log_params({"a": 1})
     tracker.log_metrics({"loss": 1.0}, 1)
-    assert tracker.flush() and tracker.run_id is None
-    tracker.close()
+    assert tracker.run_id is None and tracker.close() is None

@@ -1,0 +1,148 @@
+"""Elastic membership drills for `mtp bench faults`: two torchrun agents as two nodes on one machine.
+
+Each agent is its own process group (a "node": agent + worker), both join one
+c10d rendezvous on loopback with `--nnodes=1:2`, one process per node, so the
+world is 2 with both and 1 with one. The global batch stays the same; the
+data-parallel size and the gradient accumulation change with the world.
+
+- node-lost: both nodes train; before step 7 (both wait at a gate) node B is
+  SIGKILLed, agent and worker; node A's worker finds its peer gone, exits 1,
+  and its agent re-forms the group alone (after torchrun's last-call wait)
+  from the newest checkpoint.
+- node-joined: node A trains alone; before step 7 (A waits at a gate) node B
+  starts; A's agent sees it waiting and stops A's worker with SIGTERM, which
+  finishes step 7, checkpoints it and exits 0; the two-node group resumes.
+Both are held to the undisturbed two-process reference within a relative
+tolerance: the reduction order changes with the world.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+WAIT_S = 600
+LOSS_TOLERANCE = 1e-4  # dp=2 all-reduce vs dp=1 accumulation: float32 sums in another order
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Node:
+    """One torchrun agent with one worker, in a session of its own (so it can be killed as a node)."""
+
+    def __init__(self, runner, run_dir: Path, port: int, host: bool, env: dict[str, str], name: str):
+        from pretrain.bench.faults import REPO, SHAPE
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+               "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               f"--rdzv-id={run_dir.name}", f"--rdzv-conf=is_host={1 if host else 0}", "-m", "pretrain.cli", "train",
+               "--config", "configs/tiny-cpu.yaml", *SHAPE, f"data.dir={runner.data}", f"run.dir={run_dir}"]
+        self.name, self.start = name, time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, errors="replace", start_new_session=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def has(self, needle: str, count: int = 1) -> bool:
+        return sum(needle in line for _, line in list(self.lines)) >= count
+
+    def kill(self) -> None:
+        """SIGKILL the agent and every process below it (torchrun puts workers in sessions of their own)."""
+        import psutil
+
+        agent = psutil.Process(self.proc.pid)
+        for proc in [*agent.children(recursive=True), agent]:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+
+    def wait(self) -> int:
+        try:
+            code = self.proc.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.wait()
+        self.reader.join(timeout=30)
+        return code
+
+
+def _wait_until(what: str, ready, nodes: list[Node]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        if time.monotonic() > deadline or all(n.proc.poll() is not None for n in nodes):
+            tail = "\n".join(line for n in nodes for _, line in n.lines[-20:])
+            raise RuntimeError(f"elastic drill: no {what}:\n{tail}")
+        time.sleep(0.2)
+
+
+def _env(gate: Path | None, fault: str | None) -> dict[str, str]:
+    from pretrain.bench.faults import _env as base_env
+
+    env = base_env(fault)
+    if gate is not None:
+        env["MTP_FAULT_GATE"] = str(gate)
+    return env
+
+
+def node_lost(runner, run_dir: Path):
+    """Both nodes, node B killed before step 7; returns the bench's attempts (one timeline per node)."""
+    gate = runner.root / f"{run_dir.name}-gate-{{}}"
+    port = _port()
+    a = Node(runner, run_dir, port, True, _env(gate, "gate@7"), "A")
+    b = Node(runner, run_dir, port, False, _env(gate, "gate@7"), "B")
+    _wait_until("two workers at the gate", lambda: sum(n.has("waits for") for n in (a, b)) == 2, [a, b])
+    b.kill()
+    a.lines.append((time.monotonic(), "MTP_FAULT: node B (agent and worker) SIGKILLed before step 7"))
+    Path(str(gate).replace("{}", "7")).touch()
+    b.wait()
+    return _attempts(a.wait(), a, b)
+
+
+def node_joined(runner, run_dir: Path):
+    """Node A alone, node B joining before step 7."""
+    gate = runner.root / f"{run_dir.name}-gate-{{}}"
+    port = _port()
+    a = Node(runner, run_dir, port, True, _env(gate, "gate@7"), "A")
+    _wait_until("node A at the gate", lambda: a.has("waits for"), [a])
+    a.lines.append((time.monotonic(), "MTP_FAULT: node B starts and joins before step 7"))
+    b = Node(runner, run_dir, port, False, _env(None, None), "B")
+    code_b, code_a = b.wait(), a.wait()
+    return _attempts(max(code_a, code_b), a, b)
+
+
+def _attempts(code: int, *nodes: Node):
+    """All nodes' lines as one attempt on one clock, as the other drills' timelines."""
+    from pretrain.bench.faults import Attempt
+
+    start = min(n.start for n in nodes)
+    lines = sorted((t - start, line) for n in nodes for t, line in n.lines)
+    return [Attempt(code, lines)]
+
+
+def second_trainer(runner, run_dir: Path):
+    """A second identical launch on the run directory while the first waits before step 7."""
+    gate = runner.root / f"{run_dir.name}-gate-{{}}"
+    port = _port()
+    first = Node(runner, run_dir, port, True, _env(gate, "gate@7"), "first")
+    _wait_until("the first trainer at the gate", lambda: first.has("waits for"), [first])
+    second = Node(runner, run_dir, _port(), True, _env(None, None), "second")
+    code = second.wait()
+    refusal = next((line for _, line in second.lines if "is in use by another trainer" in line), "")
+    first.lines.append((time.monotonic(), f"MTP_FAULT: a second trainer exited {code}: {refusal}"))
+    Path(str(gate).replace("{}", "7")).touch()
+    return _attempts(first.wait(), first)
