@@ -10,6 +10,7 @@ slips through validation is caught instead of starting a run.
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 import types
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from pretrain.cli import build_parser, main
 from pretrain.config import SECTIONS
+from tests.integration.conftest import small_corpus  # noqa: F401  (a fixture, found by pytest by name)
 
 REPO = Path(__file__).resolve().parents[2]
 BYTE_VOCAB = 258
@@ -30,12 +32,11 @@ PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch, capsys):
-    """A prepared-data stand-in (manifest + byte tokenizer) and a trainer that must never be reached."""
+def workspace(tmp_path, monkeypatch, capsys, small_corpus):
+    """A copy of real prepared data (byte tokenizer: 258 ids; tests damage it) and a trainer never reached."""
     data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "manifest.json").write_text("{}")
-    (data / "tokenizer_info.json").write_text(json.dumps({"type": "byte"}))
+    if not data.exists():
+        shutil.copytree(small_corpus, data)
     reached = types.ModuleType("pretrain.train")
 
     def run(args, cfg=None):
@@ -143,9 +144,13 @@ OUT_OF_RANGE = {
         "model.loss_chunk_tokens", "model.n_kv_heads", "model.ffn_hidden", "train.max_steps", "train.seq_len",
         "train.global_batch_size", "train.micro_batch_size", "train.eval_steps", "train.log_interval", "parallel.tp",
         "parallel.pp", "parallel.dp", "checkpoint.interval", "checkpoint.keep", "fault.collective_timeout_s",
-        "fault.lock_timeout_s")},
+        "fault.lock_timeout_s", "eval.humaneval_limit", "eval.max_new_tokens", "eval.loss_windows",
+        "eval.timeout_s")},
     **{key: NEGATIVE for key in ("train.eval_interval", "data.num_workers", "schedule.warmup_steps",
-                                 "fault.max_skipped_steps", "tracking.close_timeout_s")},
+                                 "fault.max_skipped_steps", "tracking.close_timeout_s", "eval.interval")},
+    "eval.suites": st.lists(st.sampled_from(["bleu", "mmlu", "pass@1"]), min_size=1, max_size=2),
+    "data.sources": st.lists(st.fixed_dictionaries({"dir": st.just("elsewhere"),
+                                                    "weight": positive_float(strict=True)}), min_size=1, max_size=2),
     "model.vocab_size": st.integers(max_value=BYTE_VOCAB - 1),  # also: below the tokenizer's vocabulary
     "data.seed": st.one_of(NEGATIVE, st.integers(min_value=2**63)),
     "train.seed": st.one_of(NEGATIVE, st.integers(min_value=2**63)),
