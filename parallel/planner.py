@@ -81,7 +81,8 @@ class Memory:
     """Bytes on one GPU of one pipeline stage."""
 
     weights: float = 0.0
-    grads: float = 0.0
+    grads: float = 0.0  # the backward's gradients, freed at the optimizer step
+    grad_buffers: float = 0.0  # fp32 gradient buffers the optimizer keeps for the whole run
     optimizer: float = 0.0
     activations: float = 0.0  # kept for backward, every micro-batch in flight
     loss: float = 0.0  # last stage, while the loss runs (end of a forward)
@@ -93,13 +94,13 @@ class Memory:
     @property
     def total(self) -> float:
         """The larger of the two peaks: end of a forward (loss running) and backward (a layer rebuilt)."""
-        kept = self.weights + self.optimizer + self.activations + self.p2p
+        kept = self.weights + self.grad_buffers + self.optimizer + self.activations + self.p2p
         forward = kept + self.loss + (self.grads if self.grads_in_forward else 0.0)
         backward = kept + self.grads + self.recompute
         return max(forward, backward)
 
     def largest(self) -> str:
-        names = ("weights", "grads", "optimizer", "activations", "loss", "recompute", "p2p")
+        names = ("weights", "grads", "grad_buffers", "optimizer", "activations", "loss", "recompute", "p2p")
         parts = {k: getattr(self, k) for k in names}
         name = max(parts, key=parts.get)
         return f"{name} {parts[name] / GB:.1f} GB"
@@ -205,25 +206,26 @@ def layer_activation_bytes(m: ModelConfig, tokens: int, tp: int, width: int) -> 
     return tokens * (norms + width * (3 * m.d_model + 3 * kv + 5 * m.ffn_size) / tp)
 
 
-def _state_bytes(params: float, lay: Layout) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer) bytes of `params` local parameters, as DeepSpeed 0.19.8 allocates them.
+def _state_bytes(params: float, lay: Layout) -> tuple[float, float, float, float]:
+    """(weights, gradients, gradient buffers, optimizer) bytes of `params` local parameters, as DeepSpeed
+    0.19.8 allocates them (gradient buffers: fp32 ones the optimizer keeps allocated for the whole run).
 
     float32: weights 4, gradients 4, Adam m and v 8 B/param at ZeRO-0; ZeRO >= 1 adds a float32 copy
     of its partition and partitions it with m and v (12 / dp); ZeRO-2 partitions the gradients too.
     bf16 (fp32 gradient accumulation, `parallel.engine.deepspeed_config`): ZeRO-0 is refused.
     ZeRO-1 is DeepSpeed's BF16_Optimizer: bf16 weights and gradients (2 + 2), a whole fp32 gradient
-    buffer (4) and the fp32 master + m + v partition (12 / dp). ZeRO-2: bf16 weights (2), bf16
-    gradients of the micro-batch (2), the fp32 gradient partition (4 / dp), 12 / dp. ZeRO-3: the
-    same with the weights partitioned too (2 / dp; the whole weights of the modules running are
-    `_gathered_bytes`).
+    buffer allocated at start (4) and the fp32 master + m + v partition (12 / dp). ZeRO-2: bf16
+    weights (2), bf16 gradients of the micro-batch (2), the fp32 gradient partition (4 / dp), 12 / dp.
+    ZeRO-3: the same with the weights and bf16 gradients partitioned too (2 / dp each; the whole
+    weights of the modules running are `_gathered_bytes`).
     """
     dp, zero = lay.dp, lay.zero_stage
     if lay.dtype == "bfloat16":
-        grads = {1: 2 + 4, 2: 2 + 4 / dp, 3: 2 / dp + 4 / dp}[zero]
-        return params * (2 / dp if zero == 3 else 2), params * grads, params * 12 / dp
+        grads, buffers = {1: (2, 4), 2: (2, 4 / dp), 3: (2 / dp, 4 / dp)}[zero]
+        return params * (2 / dp if zero == 3 else 2), params * grads, params * buffers, params * 12 / dp
     if zero == 0:
-        return params * 4, params * 4, params * 8
-    return params * (4 / dp if zero == 3 else 4), params * (4 / dp if zero >= 2 else 4), params * 12 / dp
+        return params * 4, params * 4, 0.0, params * 8
+    return params * (4 / dp if zero == 3 else 4), params * (4 / dp if zero >= 2 else 4), 0.0, params * 12 / dp
 
 
 def _gathered_bytes(m: ModelConfig, lay: Layout, width: int) -> float:
@@ -253,12 +255,12 @@ def memory(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int, parts:
     act_layer = layer_activation_bytes(m, tokens, lay.tp, width)
     out = []
     for stage, params in enumerate(stage_params(m, lay.tp, parts)):
-        weights, grads, optimizer = _state_bytes(params, lay)
+        weights, grads, buffers, optimizer = _state_bytes(params, lay)
         weights += _gathered_bytes(m, lay, width)
         trunk = sum(1 for i in range(parts[stage], parts[stage + 1]) if 1 <= i <= m.trunk_layers)
         in_flight = min(lay.pp - stage, micro_batches)
         kept = tokens * m.d_model * width if lay.recompute else act_layer
-        mem = Memory(weights, grads, optimizer, activations=in_flight * trunk * kept,
+        mem = Memory(weights, grads, buffers, optimizer, activations=in_flight * trunk * kept,
                      grads_in_forward=micro_batches > in_flight)
         if lay.recompute and trunk:
             mem.recompute = act_layer

@@ -143,7 +143,7 @@ def _row(est, hw) -> dict:
 def _breakdown(est) -> dict:
     mem = est.stages[est.peak_stage]
     gb = 1024**3
-    return {"stage": est.peak_stage, "weights": mem.weights / gb, "grads": mem.grads / gb,
+    return {"stage": est.peak_stage, "weights": mem.weights / gb, "grads": (mem.grads + mem.grad_buffers) / gb,
             "optimizer": mem.optimizer / gb, "activations": mem.activations / gb, "loss": mem.loss / gb,
             "loss_unchunked": mem.loss_unchunked / gb, "p2p": mem.p2p / gb, "total": mem.total / gb,
             "stages_gb": [s.total / gb for s in est.stages]}

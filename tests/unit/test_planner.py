@@ -85,19 +85,21 @@ def test_layer_activations_equal_what_autograd_saves(dtype, width):
 @pytest.mark.parametrize("dtype, expected", [
     # bytes per parameter (weights, gradients, optimizer) with dp = 8, as DeepSpeed 0.19.8 allocates
     # them with fp32 gradient accumulation (docs/planner.md); bf16 has no ZeRO-0
-    ("float32", {0: (4, 4, 8), 1: (4, 4, 12 / 8), 2: (4, 4 / 8, 12 / 8)}),
-    ("bfloat16", {1: (2, 2 + 4, 12 / 8), 2: (2, 2 + 4 / 8, 12 / 8)}),
+    # (gradients: the backward's; buffers: the fp32 ones DeepSpeed's optimizers keep all run)
+    ("float32", {0: (4, 4, 0, 8), 1: (4, 4, 0, 12 / 8), 2: (4, 4 / 8, 0, 12 / 8)}),
+    ("bfloat16", {1: (2, 2, 4, 12 / 8), 2: (2, 2, 4 / 8, 12 / 8)}),
 ])
 def test_state_bytes_follow_deepspeed_per_zero_stage(dtype, expected):
     cfg = ModelConfig(**{**SMALL, "vocab_size": 32000, "d_model": 512}, n_future=4, loss_chunk_tokens=64)
     parts = [0, cfg.trunk_layers + 2]
     params = stage_params(cfg, 1, parts)[0]
-    for zero, (w, g, o) in expected.items():
+    for zero, (w, g, b, o) in expected.items():
         mem = memory(cfg, Layout(1, 1, 8, 1, False, zero, dtype), 256, 4, parts)[0]
-        assert (mem.weights, mem.grads, mem.optimizer) == pytest.approx((w * params, g * params, o * params))
+        assert (mem.weights, mem.grads, mem.grad_buffers, mem.optimizer) == pytest.approx(
+            (w * params, g * params, b * params, o * params))
 
 
-@pytest.mark.parametrize("dtype, width, grads", [("float32", 4, 4), ("bfloat16", 2, 2 + 4)])
+@pytest.mark.parametrize("dtype, width, grads", [("float32", 4, 4), ("bfloat16", 2, 2)])
 def test_zero3_partitions_weights_and_gathers_the_head_block(dtype, width, grads):
     """ZeRO-3: weights, gradients and optimizer state / dp, plus the head block whole while the loss runs."""
     cfg = ModelConfig(**{**SMALL, "vocab_size": 32000, "d_model": 512}, n_future=4, loss_chunk_tokens=64)
@@ -106,8 +108,9 @@ def test_zero3_partitions_weights_and_gathers_the_head_block(dtype, width, grads
     mem = memory(cfg, Layout(2, 1, 8, 1, False, 3, dtype), 256, 4, parts)[0]
     gathered = head_block_params(cfg, 2) * width
     assert 0 < gathered < params * width
-    assert (mem.weights, mem.grads, mem.optimizer) == pytest.approx(
-        (width * params / 8 + gathered, grads * params / 8, 12 * params / 8))
+    buffers = 4 if dtype == "bfloat16" else 0  # bf16: the fp32 gradient partition, kept all run
+    assert (mem.weights, mem.grads, mem.grad_buffers, mem.optimizer) == pytest.approx(
+        (width * params / 8 + gathered, grads * params / 8, buffers * params / 8, 12 * params / 8))
     zero2 = memory(cfg, Layout(2, 1, 8, 1, False, 2, dtype), 256, 4, parts)[0]
     assert mem.total < zero2.total
 
