@@ -7,6 +7,7 @@
 # DOCKER_HOST (exported when the daemon is ours). The caller runs
 # `engine_down` in its EXIT trap. Failures are one line on stderr and `exit 1`.
 
+DOCKERD=${MTP_DOCKERD:-dockerd}  # the daemon binary to start when none answers
 ENGINE_PID=""
 ENGINE_STATE=""
 ENGINE_FAILURE=""
@@ -60,7 +61,7 @@ engine_answers() {
 # (/var/lib/docker), so images and the build cache outlive this run.
 start_dockerd() {
   local driver=$1 log="$ENGINE_STATE/dockerd-$1.log" deadline
-  dockerd --host "unix://$ENGINE_STATE/docker.sock" --pidfile "$ENGINE_STATE/dockerd.pid" \
+  "$DOCKERD" --host "unix://$ENGINE_STATE/docker.sock" --pidfile "$ENGINE_STATE/dockerd.pid" \
     --exec-root "$ENGINE_STATE/exec" --iptables=false --ip6tables=false --bridge=none \
     --storage-driver="$driver" >"$log" 2>&1 &
   ENGINE_PID=$!
@@ -71,7 +72,7 @@ start_dockerd() {
     kill -0 "$ENGINE_PID" 2>/dev/null || break
     sleep 1
   done
-  ENGINE_FAILURE="dockerd --storage-driver=$driver: $(grep -v '^$' "$log" | tail -n 1)"
+  ENGINE_FAILURE="$(basename "$DOCKERD") --storage-driver=$driver: $(grep -v '^$' "$log" | tail -n 1)"
   stop_dockerd
   return 1
 }
@@ -81,16 +82,16 @@ engine_up() {
   pick_compose
   engine_answers && return 0
   [ "$(id -u)" -eq 0 ] || die "no Docker daemon answers and only root can start one: start Docker (systemctl start docker) or run as root"
-  command -v dockerd >/dev/null || die "no Docker daemon answers and dockerd is not installed: run make docker-deps (Debian's docker.io)"
+  command -v "$DOCKERD" >/dev/null || die "no Docker daemon answers and $DOCKERD is not installed: run make docker-deps (Debian's docker.io)"
   # Two daemons on one data root would corrupt it: use a running one, never start a second.
   local running
-  running=$(pgrep -x dockerd | head -n 1 || true)
+  running=$(pgrep -x "$(basename "$DOCKERD" | cut -c1-15)" | head -n 1 || true)  # comm: 15 chars
   [ -z "$running" ] || die "dockerd (PID $running) is running but does not answer; set DOCKER_HOST to its socket"
   ENGINE_STATE=$(mktemp -d /tmp/mtp-dockerd.XXXXXX)
   local driver
   for driver in overlay2 vfs; do
     if start_dockerd "$driver"; then
-      echo "$(basename "$0"): started dockerd (PID $ENGINE_PID, storage driver $driver); it stops when this script ends"
+      echo "$(basename "$0"): started $(basename "$DOCKERD") (PID $ENGINE_PID, storage driver $driver); it stops when this script ends"
       return 0
     fi
   done

@@ -62,7 +62,7 @@ compose() {
 # Wait until the project's mlflow container is healthy; on failure print why and its log, return 1.
 wait_healthy() {
   local project=$1 port=$2 id state deadline=$((SECONDS + 300))
-  id=$(compose "$project" "$port" ps -q mlflow)
+  id=$(compose "$project" "$port" ps -a -q mlflow)
   [ -n "$id" ] || { echo "mlflow server of $project has no container" >&2; return 1; }
   while :; do
     state=$("$DOCKER" inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id")
@@ -123,10 +123,10 @@ check_demo_tracked_in_server() {
   compose "$project" "$port" up -d mlflow
   wait_healthy "$project" "$port" || fail "the compose MLflow server did not become healthy"
   passed "compose MLflow server healthy on 127.0.0.1:$port"
-  compose "$project" "$port" run --rm -e DEMO_STEPS=12 -e DEMO_NEW_TOKENS=16 \
+  compose "$project" "$port" run --rm -T -e DEMO_STEPS=12 -e DEMO_NEW_TOKENS=16 \
     -e DEMO_SOURCE="$stdlib/json $stdlib/email" train || fail "the demo in the train service failed"
   passed "train service: prepared a corpus, trained 12 steps, exported, generated (plain = speculative)"
-  compose "$project" "$port" run --rm --entrypoint python3 train /opt/mtp/docker/check_mlflow.py \
+  compose "$project" "$port" run --rm -T --entrypoint python3 train /opt/mtp/docker/check_mlflow.py \
     --run-dir runs/demo --experiment mtp-tiny --heads 4 || fail "the MLflow server does not hold the run"
   passed "MLflow server holds the run with per-head metrics"
 }
