@@ -106,7 +106,7 @@ stop_dockerd() {
     while kill -0 "$ENGINE_PID" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 1; done
     kill -0 "$ENGINE_PID" 2>/dev/null && kill -KILL "$ENGINE_PID"
   fi
-  wait "$ENGINE_PID" 2>/dev/null
+  wait "$ENGINE_PID" 2>/dev/null || true  # its exit status; it is gone either way
   ENGINE_PID=""
 }
 
