@@ -76,16 +76,16 @@ build() {
 
 main() {
   local variant=${1:-} tag=${2:-mtp:${1:-}}
+  trap engine_down EXIT
+  trap 'exit 130' INT TERM
   case "$variant" in
     cpu)
-      trap engine_down EXIT
       engine_up
       [ -n "${CPU_BASE:-}" ] || ensure_base_image
       ensure_torch_wheel
       build cpu "$tag" --build-arg BASE="${CPU_BASE:-$BASE_TAG}"
       ;;
     gpu)
-      trap engine_down EXIT
       engine_up
       build gpu "$tag" ${GPU_BASE:+--build-arg BASE="$GPU_BASE"} \
         || die "building the GPU image failed (see above); it needs its base image (GPU_BASE, default: the Dockerfile's NGC image) from a reachable registry"

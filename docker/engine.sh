@@ -113,12 +113,14 @@ stop_dockerd() {
 # Stop the daemon this script started (by PID: it stops its containers and its
 # containerd), then unmount what it left under its state dir (the host network
 # namespace's bind mount) and remove that dir. Nothing to do for a daemon that
-# was already running. Never fails: it runs in EXIT traps.
+# was already running. Never fails, and a second Ctrl-C or TERM does not cut it
+# short: it runs in EXIT traps.
 engine_down() {
+  trap '' INT TERM
   stop_dockerd
   [ -n "$ENGINE_STATE" ] || return 0
   awk -v dir="$ENGINE_STATE/" 'index($2, dir) == 1 {print $2}' /proc/self/mounts | sort -r \
-    | while read -r mount; do umount "$mount" || true; done
+    | while read -r mount; do umount "$mount" || umount -l "$mount" || true; done
   rm -rf --one-file-system "$ENGINE_STATE" || true
   ENGINE_STATE=""
 }

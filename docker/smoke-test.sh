@@ -25,6 +25,7 @@ PG_DIR=""
 
 cleanup() {
   local status=$? project
+  trap '' INT TERM  # cleaning up is not cut short
   for project in "${PROJECTS[@]}"; do
     "${COMPOSE[@]}" -p "$project" -f "$COMPOSE_FILE" down --volumes --timeout 30 >/dev/null 2>&1 || true
   done
