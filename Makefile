@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup system-deps test lint demo gpu-check clean-venv
+.PHONY: setup system-deps test lint demo gpu-check clean-venv docker-deps docker docker-test
 
 setup: $(STAMP)
 
@@ -89,3 +89,26 @@ gpu-check:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Docker's engine, a compose command, debootstrap (the CPU image's base is built
+# locally: no registry needed) and PostgreSQL (the tracking server's optional
+# backend, tested for real). apt-get runs only when one is missing.
+docker-deps:
+	@missing=$$(command -v dockerd >/dev/null || echo docker.io; \
+		{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; } || echo docker-compose; \
+		command -v debootstrap >/dev/null || echo debootstrap; \
+		ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || echo postgresql); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" -ne 0 ]; then echo "make docker-deps: missing $$(echo $$missing); install these Debian packages as root"; exit 1; fi; \
+		echo "installing $$(echo $$missing)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# The GPU image on the NGC PyTorch base (needs that registry); see docs/containers.md.
+docker:
+	bash docker/build.sh gpu
+
+# Build the CPU image and run it for real: the demo in compose against an MLflow server.
+docker-test: docker-deps
+	bash docker/smoke-test.sh

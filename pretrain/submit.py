@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pretrain.config import RunConfig, check_data_dir, load_config, validate
 from pretrain.errors import UserError
+from pretrain.submit_container import add_arguments as add_container_arguments, container_settings
 
 DEFAULT_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 SUBMIT_DIR = "slurm"  # inside run.dir: the submitted script and submit.sh
@@ -105,6 +106,7 @@ def _export(args, cfg: RunConfig) -> str:
         "MTP_PYTHON": sys.executable, "MTP_FINAL_CHECKPOINT": final,
         "MTP_CONTROL_DIR": Path(cfg.run.dir).resolve() / SUBMIT_DIR,  # the stop/ready handshake of the script
     }
+    values.update(container_settings(args))  # an image's own Python replaces this one's
     for name, value in values.items():
         if "," in str(value):
             raise UserError(f"{name}={value} contains a comma, which sbatch --export cannot carry; "
@@ -156,5 +158,6 @@ def register(subparsers, bench_subparsers) -> None:
     parser.add_argument("--sbatch-arg", action="append", metavar="ARG",
                         help="extra sbatch option, e.g. --sbatch-arg=--account=lm (repeatable)")
     parser.add_argument("--script", default=str(DEFAULT_SCRIPT), help="batch script to submit")
+    add_container_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="write and print, but do not submit")
     parser.set_defaults(func=run)

@@ -220,6 +220,18 @@ def test_dry_run_writes_script_and_command_without_submitting(cluster, small_cor
     cluster.run(command[0], "--test-only", *command[1:])  # the real sbatch accepts exactly this command
 
 
+def test_sbatch_accepts_a_container_submission(cluster, small_corpus, tmp_path):
+    """The container settings ride in --export; the real sbatch must take them as they are."""
+    run_dir = tmp_path / "boxed"
+    submit(cluster, run_dir, small_corpus, "--dry-run", "--container-image", "nvcr.io#me/mtp:gpu",
+           "--container-mount", str(small_corpus), "--container-mount", f"{tmp_path}:/scratch")
+    command = shlex.split((run_dir / "slurm" / "submit.sh").read_text().splitlines()[-1])[1:]
+    export = next(arg for arg in command if arg.startswith("--export="))
+    assert "MTP_CONTAINER_IMAGE=nvcr.io#me/mtp:gpu" in export and "MTP_PYTHON=python3" in export
+    assert f"MTP_CONTAINER_MOUNTS={small_corpus}:{small_corpus};{tmp_path}:/scratch" in export
+    cluster.run(command[0], "--test-only", *command[1:])
+
+
 @pytest.mark.parametrize(
     "args, env, needle",
     [
