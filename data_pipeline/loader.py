@@ -264,7 +264,7 @@ def _prefetch(items: Iterable, depth: int) -> Iterator:
                 put((True, item))
                 if stop.is_set():
                     return
-        except BaseException as err:  # handed to the consumer, raised there
+        except BaseException as err:  # noqa: BLE001 -- handed to the consumer, raised there
             put((False, err))
         finally:
             items.close()

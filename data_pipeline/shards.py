@@ -168,7 +168,7 @@ def read_shard(location: str, shard: ShardInfo, dtype: str) -> np.ndarray:
     url = locations.resolve(location, shard.name)
     try:
         samples, sha, nbytes = _read_members(url)
-    except Exception as err:  # damaged bytes surface as OSError, TarError, EOFError, struct.error, ...
+    except Exception as err:  # noqa: BLE001 -- damaged bytes surface as OSError, TarError, EOFError, struct.error, ...
         raise ShardError(f"shard {url}: cannot be read ({_short(err)})") from None
     if nbytes != shard.bytes:
         raise ShardError(f"shard {url}: {nbytes} bytes, manifest says {shard.bytes} (truncated or replaced)")
@@ -200,7 +200,7 @@ def _check_samples(url: str, members: list[tuple[str, bytes]], shard: ShardInfo,
             raise ShardError(f"shard {url}: unexpected member {name}")
         try:
             array = np.lib.format.read_array(io.BytesIO(data))
-        except Exception as err:  # a malformed .npy header raises ValueError, SyntaxError, ...
+        except Exception as err:  # noqa: BLE001 -- a malformed .npy header raises ValueError, SyntaxError, ...
             raise ShardError(f"shard {url}: sample {name} is not a .npy array ({_short(err)})") from None
         if array.dtype != dtype or array.ndim != 1 or len(array) != expected:
             raise ShardError(f"shard {url}: sample {name} is {array.dtype}{list(array.shape)}, manifest says {dtype}[{expected}]")

@@ -215,7 +215,7 @@ class _Pool:
             for unit in work:
                 if not self._put(self.tasks[unit.index % len(self.tasks)], unit):
                     return
-        except BaseException as err:  # a listing error: raised in the consumer
+        except BaseException as err:  # noqa: BLE001 -- a listing error: raised in the consumer
             self.feed_error = err
         for tasks in self.tasks:
             self._put(tasks, None)
@@ -273,7 +273,7 @@ def _worker_main(init: WorkerInit, tasks, results) -> None:
         results.put(_DONE)
     except UserError as err:
         results.put(_Failure(str(err), True))
-    except BaseException:  # anything else is a bug: the parent shows the worker's traceback
+    except BaseException:  # noqa: BLE001 -- anything else is a bug: the parent shows the worker's traceback
         results.put(_Failure(traceback.format_exc(), False))
 
 

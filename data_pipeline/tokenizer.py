@@ -168,7 +168,7 @@ def hf_from_json(text: str, origin: str, kind: str = "hf", eod: str | None = Non
 
     try:
         core = HFCore.from_str(text)
-    except Exception as err:  # the library raises bare Exception on malformed JSON
+    except Exception as err:  # noqa: BLE001 -- the library raises bare Exception on malformed JSON
         raise UserError(f"{origin} is not a valid tokenizer.json ({err}); {SPEC_HELP}") from None
     eod = eod or _first_present(core, EOD_NAMES)
     if eod is None:

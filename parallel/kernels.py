@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from pretrain.errors import UserError
 from pretrain.model.config import KERNELS
+
 VALIDATED = ("torch",)  # fused paths join with their GPU run (docs/benchmarks.md#gpu-check)
 FASTEST_FIRST = ("te", "apex", "torch")
 _MODULES = {"te": "transformer_engine.pytorch", "apex": "apex.normalization"}

@@ -83,7 +83,7 @@ def load_exported(path: str, device: str = "cpu"):
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for damaged headers
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for damaged headers
         raise UserError(f"{path} is not a readable safetensors file ({err}); export it again") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} was not written by `mtp export` (no {FORMAT} metadata); export it again")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pretrain.config import RunConfig, check_data_dir, load_config, validate
 from pretrain.errors import UserError
-from pretrain.submit_container import add_arguments as add_container_arguments, container_settings
+from pretrain.submit_container import add_arguments as add_container_arguments
+from pretrain.submit_container import container_settings
 
 DEFAULT_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 SUBMIT_DIR = "slurm"  # inside run.dir: the submitted script and submit.sh

@@ -43,7 +43,7 @@ def _file(path: str) -> ModelSource:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for damaged headers
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for damaged headers
         raise UserError(f"{path} is not a readable safetensors file ({err}); export it again") from None
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
     seq_len = int(meta["train_seq_len"]) if meta.get("train_seq_len", "").isdigit() else None

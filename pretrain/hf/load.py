@@ -57,7 +57,7 @@ class SafetensorsReader:
         for name in self._shard_files():
             try:
                 handle = safe_open(str(directory / name), framework="pt")
-            except Exception as err:  # safetensors raises its own error types for damaged headers
+            except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for damaged headers
                 raise UserError(f"{directory / name} is not a readable safetensors file ({err}); re-download it") from None
             self._files[name] = handle
             self.where.update({key: name for key in handle.keys()})

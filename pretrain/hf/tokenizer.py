@@ -21,7 +21,15 @@ import json
 from pathlib import Path
 
 from data_pipeline.tokenizer import (
-    EOD_TOKEN, HF_FILE, INFO_FILE, PAD_TOKEN, ByteTokenizer, HFTokenizer, Tokenizer, hf_from_json, load_tokenizer,
+    EOD_TOKEN,
+    HF_FILE,
+    INFO_FILE,
+    PAD_TOKEN,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    hf_from_json,
+    load_tokenizer,
 )
 from pretrain.errors import UserError
 

@@ -60,7 +60,7 @@ class Generation:
 class Decoder:
     """Greedy or sampled decoding with head 1, drafted by heads 2..`heads` when `heads` > 1."""
 
-    def __init__(self, model, rules: StopRules, heads: int = 1, sampling: Sampling = Sampling(), seed: int = 0):
+    def __init__(self, model, rules: StopRules, heads: int = 1, sampling: Sampling = Sampling(), seed: int = 0):  # noqa: B008 (frozen)
         n_future = model.cfg.n_future
         if not 1 <= heads <= n_future:
             raise UserError(f"--speculative {heads}: this model has {n_future} heads; use 2..{n_future} or off")

@@ -32,7 +32,7 @@ PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch, capsys, small_corpus):
+def workspace(tmp_path, monkeypatch, capsys, small_corpus):  # noqa: F811 (the imported fixture)
     """A copy of real prepared data (byte tokenizer: 258 ids; tests damage it) and a trainer never reached."""
     data = tmp_path / "data"
     if not data.exists():

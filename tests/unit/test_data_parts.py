@@ -7,7 +7,7 @@ import pytest
 
 from data_pipeline.manifest import load_manifest
 from data_pipeline.parts import merge
-from data_pipeline.prepare import PrepareConfig, prepare
+from data_pipeline.prepare import prepare
 from data_pipeline.verify import verify
 from pretrain.errors import UserError
 from tests.unit.test_data_prepare import EMAIL, _config, _documents

@@ -94,7 +94,7 @@ def test_micro_batches_accumulate_into_grad():
     for ids, labels in batches:
         z = model.trunk(ids)
         targets = labels.permute(1, 2, 0).contiguous()
-        stack = model.head_stack(S, z.device, lambda i, _: targets[i].clamp(min=0))
+        stack = model.head_stack(S, z.device, lambda i, _, targets=targets: targets[i].clamp(min=0))
         naive_mtp_loss(z, targets, stack, model.cfg.head_scales(0))[0].backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(fused[name], param.grad, rtol=1e-9, atol=1e-13, msg=name)

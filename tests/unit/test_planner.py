@@ -23,9 +23,9 @@ from parallel.planner import (
     total_params,
 )
 from parallel.topology import stage_parts
+from pretrain.config import load_config
 from pretrain.errors import UserError
 from pretrain.model.config import ModelConfig
-from pretrain.config import load_config
 from tests.integration.conftest import run_mtp
 
 SMALL = dict(vocab_size=300, d_model=64, n_layers=5, n_heads=4, max_seq_len=64)
