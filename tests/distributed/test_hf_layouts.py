@@ -44,7 +44,7 @@ def test_import_into_tp2_pp2_and_export_gives_back_the_llama(tiny_corpus, tmp_pa
         cwd=REPO, env=env(), capture_output=True, text=True, timeout=900,
     )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-6000:]
-    assert f"initialised from hf:{llama}" in train.stdout
+    assert f"initialising from hf:{llama}" in train.stdout
     out = tmp_path / "hf"
     export = subprocess.run(
         [sys.executable, "-m", "pretrain.cli", "export", "--format", "hf", "--checkpoint", str(run_dir),

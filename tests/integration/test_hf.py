@@ -195,7 +195,7 @@ def test_import_round_trip_gives_back_the_same_weights_and_logits(llama, tmp_pat
     run_dir = tmp_path / "run"
     log = run_mtp("train", "--config", "configs/tiny-cpu.yaml", f"model.init_from=hf:{directory}", "model.n_future=3",
                   *NO_CHANGE, f"data.dir={data}", f"run.dir={run_dir}").stdout
-    assert f"initialised from hf:{directory}" in log
+    assert f"initialising from hf:{directory}" in log
     out = tmp_path / "hf"
     run_mtp("export", "--format", "hf", "--checkpoint", str(run_dir), "--out", str(out))
     original, back = llama_weights(directory), llama_weights(out)
