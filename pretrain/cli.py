@@ -20,6 +20,7 @@ from pretrain.errors import RunFailure, UserError
 COMMAND_MODULES = [
     "data_pipeline.cli",
     "pretrain.commands",
+    "pretrain.ckpt_cli",
     "pretrain.submit",
     "pretrain.bench.loss_memory",
     "pretrain.bench.train_step",

@@ -10,25 +10,32 @@ every rank):
                     the other ranks wait in the step's collectives until
                     `fault.collective_timeout_s` ends them
     kill-in-save    SIGKILL while the checkpoint of that step is being written
-                    (engine files on disk, not yet sealed)
+                    (its first file on disk, not yet sealed; with checkpoint.async the
+                    background writer dies while training goes on)
+    slow-save       the checkpoint write of that step does not finish until the trainer
+                    has to wait for it (a slow file system: with checkpoint.async the
+                    next save, a stop signal or the end of training then waits)
+    enospc-in-save  the checkpoint write of that step fails with ENOSPC, as on a full disk
     nan             the step's embeddings become NaN, so its loss and every
                     gradient are NaN
 
-kill, stop, hang and kill-in-save strike the first attempt only (torchrun's
+kill, stop, hang and the save faults strike the first attempt only (torchrun's
 TORCHELASTIC_RESTART_COUNT=0), so the restarted group shows the recovery;
 nan strikes every attempt, like a bad batch would. Nothing happens without
 the variable: the hooks cost one comparison each.
 """
 
+import errno
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
-KINDS = ("kill", "stop", "hang", "kill-in-save", "nan")
+KINDS = ("kill", "stop", "hang", "kill-in-save", "slow-save", "enospc-in-save", "nan")
 _SPEC = re.compile(r"^(?P<kind>[a-z-]+)@(?P<first>\d+)(?:-(?P<last>\d+))?(?::(?P<rank>\d+))?$")
 HANG_S = 24 * 3600  # far past any collective timeout; the launcher kills the sleeper
 
@@ -87,6 +94,19 @@ class FaultInjector:
         if self._strikes("kill-in-save", step):
             _announce(f"killing rank {self.rank} while it writes the checkpoint of step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def hold_save(self, step: int, released: threading.Event) -> None:
+        """slow-save: block the writer of `step`'s checkpoint until `released` (the trainer waits for it)."""
+        if self._strikes("slow-save", step):
+            _announce(f"rank {self.rank} holds the checkpoint write of step {step} until the trainer waits for it")
+            released.wait(HANG_S)
+
+    def save_error(self, step: int) -> OSError | None:
+        """enospc-in-save: the error the first write of `step`'s checkpoint raises instead of writing."""
+        if not self._strikes("enospc-in-save", step):
+            return None
+        _announce(f"rank {self.rank}: the checkpoint write of step {step} fails with ENOSPC")
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def poison(self, model: torch.nn.Module, step_of) -> None:
         """Make the embedding output NaN on the fault's steps (`step_of()` gives the step in flight)."""
