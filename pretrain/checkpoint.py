@@ -107,10 +107,12 @@ class CheckpointStore:
                 files[rel] = {"size": (tmp / rel).stat().st_size, ALGORITHM: file_digest(tmp / rel, ALGORITHM),
                               "rank": 0}
         for rel, entry in files.items():
-            size = (tmp / rel).stat().st_size if (tmp / rel).is_file() else None
-            if size != entry["size"]:
-                raise OSError(f"{rel} has {size} bytes on disk but its writer (rank {entry['rank']}) reported "
-                              f"{entry['size']}")
+            if not (tmp / rel).is_file():
+                raise OSError(f"{rel}, written by rank {entry['rank']}, is not in {tmp} (is {self.root} on a file "
+                              "system every rank shares?)")
+            if (tmp / rel).stat().st_size != entry["size"]:
+                raise OSError(f"{rel} has {(tmp / rel).stat().st_size} bytes on disk but its writer "
+                              f"(rank {entry['rank']}) reported {entry['size']}")
         manifest = {"format": MANIFEST_FORMAT, "step": step, "checksum": ALGORITHM, "files": files}
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         _write_synced(tmp / COMPLETE, f"{step}\n")

@@ -164,10 +164,10 @@ class CheckpointSaver:
         """`step S: no space left on device (PATH) on rank R writing checkpoint step_N; the newest ...`."""
         if failed:
             others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-            what = f"{failed[0].error} on rank {failed[0].rank}{others}"
+            what = f"{failed[0].error} on rank {failed[0].rank}{others} writing checkpoint {name(step)}"
         else:
-            what = f"{seal_error} on rank 0 sealing it"
+            what = f"{seal_error} on rank 0 sealing checkpoint {name(step)}"
         newest = self.store.newest_sealed() or "none (nothing was sealed yet)"
-        return (f"step {now}: {what} writing checkpoint {name(step)}; the newest complete checkpoint is {newest}. "
-                "The partial checkpoint was removed and nothing older was touched: fix the cause (free space, "
-                "or lower checkpoint.keep) and run the same command again to resume")
+        return (f"step {now}: {what}; the newest complete checkpoint is {newest}. The partial checkpoint was "
+                "removed and nothing older was touched: fix the cause (free space, or lower checkpoint.keep) and "
+                "run the same command again to resume")

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "pretrain.bench.loss_memory",
     "pretrain.bench.train_step",
     "pretrain.bench.faults",
+    "pretrain.bench.checkpoint",
     "pretrain.inference.cli",
     "pretrain.plan",
 ]

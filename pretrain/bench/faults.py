@@ -64,6 +64,9 @@ DRILLS = [
           "gradient all-reduce until `fault.collective_timeout_s=10`, exits 1, torchrun restarts", "hang@7:1"),
     Drill("killed-while-saving", "SIGKILL to rank 0 while it writes the step-8 checkpoint (engine files on disk, "
           "not sealed); torchrun restarts", "kill-in-save@8:0"),
+    Drill("killed-during-async-save", "`checkpoint.async=true`: SIGKILL to rank 1 from its background writer, "
+          "with the first file of the step-8 checkpoint on disk, while the main thread trains on; torchrun restarts",
+          "kill-in-save@8:1", ("checkpoint.async=true",)),
     Drill("corrupt-checkpoint", "a byte of the newest checkpoint (step 8) flipped after the run stopped "
           "(`--stop-after 8`); the same command is run again"),
     Drill("nan-skipped", "NaN embeddings at steps 5-8 (NaN loss and gradients); `fault.max_skipped_steps=5`; "
@@ -299,6 +302,12 @@ def _same_losses(run_dir: Path, reference_dir: Path) -> bool:
 def same_state(checkpoints: Path, before: int, after: int) -> bool:
     """Every tensor of every engine file (weights, Adam moments, ZeRO partitions) equal in both checkpoints."""
     import torch
+
+    from parallel.runtime import fix_deepspeed_accelerator, local_decision
+
+    # The files hold DeepSpeed objects: unpickling imports DeepSpeed, which must know its accelerator
+    # first or it announces its guess on stdout (this command's --json output).
+    fix_deepspeed_accelerator(local_decision().accelerator)
 
     def tensors(step: int) -> dict[str, list]:
         root = checkpoints / f"step_{step:06d}"
