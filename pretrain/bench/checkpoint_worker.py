@@ -11,8 +11,11 @@ benchmark model and uses the trainer's own saver (pretrain/ckpt_save.py):
   the training loop besides DeepSpeed's own state-dict assembly);
 - stall: wall time of the training loop from the save call until the
   checkpoint is sealed, minus the same number of undisturbed steps, with
-  `checkpoint.async` off and on (the second asynchronous save: the first
-  also allocates the host buffers every later one reuses);
+  `checkpoint.async` off and on, median of `repeats` saves each (after a
+  first asynchronous save that allocates the host buffers the later ones
+  reuse); `save_call_s` is the part the loop is blocked in the save call
+  (capture and host copy), the rest is what the overlapped steps lost to the
+  background writer (on a CPU box it shares the cores with training);
 - load: the collective choice (every rank verifies its files) and
   DeepSpeed's `load_checkpoint`.
 
@@ -114,14 +117,18 @@ class Bench:
         staged = stage(stager, files)
         host_copy = time.perf_counter() - start
         times: dict[str, list[float]] = {"hashed": [], "plain": []}
+        cpu: dict[str, list[float]] = {"hashed": [], "plain": []}  # this thread's CPU seconds: blind to other load
         nbytes = 0
+        order = (("hashed", ALGORITHM), ("plain", ""))
         for i in range(repeats):
-            for kind, algorithm in (("hashed", ALGORITHM), ("plain", "")):
+            for kind, algorithm in order if i % 2 == 0 else order[::-1]:  # neither always goes first
                 dist.barrier()
                 root = scratch / f"{kind}{i}"
                 retarget = [type(f)(str(root / Path(f.path).relative_to(scratch / "capture")), f.state, f.data)
                             for f in staged]
+                cpu_start = time.thread_time()
                 result = write_files(retarget, str(root), self.rank, algorithm=algorithm)
+                cpu[kind].append(time.thread_time() - cpu_start)
                 assert result.error is None, result.error
                 times[kind].append(result.write_s)
                 nbytes = result.nbytes
@@ -135,6 +142,7 @@ class Bench:
         stager.close()
         shutil.rmtree(scratch, ignore_errors=True)
         return {"bytes": nbytes, "write_hashed_s": min(times["hashed"]), "write_plain_s": min(times["plain"]),
+                "checksum_cpu_s": statistics.median(cpu["hashed"]) - statistics.median(cpu["plain"]),
                 "xxh3_gbps": rates[ALGORITHM], "sha256_gbps": rates["sha256"], "host_copy_s": host_copy}
 
     def load(self) -> dict:
@@ -161,9 +169,10 @@ def main(plan_path: str) -> None:
     bench.train(2)  # warm-up
     base = statistics.median(bench.train(plan["steps"]))
     row = {"rank": bench.rank, "step_s": base, **bench.write_and_checksum(plan["repeats"])}
-    row["sync"] = bench.stall(False, base)
     row["async_first"] = bench.stall(True, base)  # allocates the host buffers the later saves reuse
-    row["async"] = bench.stall(True, base)
+    for mode, asynchronous in (("sync", False), ("async", True)):
+        runs = [bench.stall(asynchronous, base) for _ in range(plan["repeats"])]
+        row[mode] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     row.update(bench.load())
     rows = [None] * bench.world
     dist.all_gather_object(rows, row)
