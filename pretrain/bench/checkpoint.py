@@ -65,8 +65,8 @@ def run(args) -> int:
     if args.fs_gbps_per_node <= 0 or args.host_copy_gbps <= 0:
         raise UserError("--fs-gbps-per-node and --host-copy-gbps must be > 0")
     measured = [measure(n, args) for n in counts]
-    projected = [project(label, cfg, args, measured[-1]) for label, cfg in (("7B", "configs/7b.yaml"),
-                                                                            ("13B", "configs/13b.yaml"))]
+    projected = [project(label, cfg, args, measured) for label, cfg in (("7B", "configs/7b.yaml"),
+                                                                        ("13B", "configs/13b.yaml"))]
     if args.json:
         print(json.dumps({"measured": measured, "projected": projected}, indent=2))
     else:
@@ -114,7 +114,9 @@ def summarize(ranks: int, rows: list[dict]) -> dict:
         "write_s": worst("write_hashed_s"), "write_gbps": total / worst("write_hashed_s") / 1e9,
         "write_plain_s": worst("write_plain_s"),
         "checksum_overhead": worst("write_hashed_s") / worst("write_plain_s") - 1,
-        "checksum_cpu_share": max(r["checksum_cpu_s"] / r["write_plain_s"] for r in rows),
+        # What hashing costs the writing thread (its bytes at the in-memory XXH3 rate) over the write's time:
+        # on a shared machine the two writes' difference is mostly the disk's noise.
+        "checksum_share": max(r["bytes"] / (r["xxh3_gbps"] * 1e9) / r["write_plain_s"] for r in rows),
         "xxh3_gbps": min(r["xxh3_gbps"] for r in rows), "sha256_gbps": min(r["sha256_gbps"] for r in rows),
         "host_copy_s": worst("host_copy_s"), "host_copy_gbps": slowest["bytes"] / worst("host_copy_s") / 1e9,
         "stall_sync_s": worst("stall_s", "sync"), "stall_async_s": worst("stall_s", "async"),
@@ -125,7 +127,12 @@ def summarize(ranks: int, rows: list[dict]) -> dict:
     }
 
 
-def project(label: str, config: str, args, measured: dict) -> dict:
+def project(label: str, config: str, args, measured: list[dict]) -> dict:
+    """A 7B/13B checkpoint on the cluster of the flags, at the rates measured here.
+
+    Checksum rates: the best measured (a rank with a core to itself, as on a
+    GPU node); the time blocked in an asynchronous save: the worst.
+    """
     from parallel.planner import total_params
     from pretrain.config import load_config
 
@@ -135,15 +142,16 @@ def project(label: str, config: str, args, measured: dict) -> dict:
     ranks = args.nodes * args.ranks_per_node
     share = size / ranks
     write = size / (args.nodes * args.fs_gbps_per_node * 1e9)
-    checksum = share / (measured["xxh3_gbps"] * 1e9)
+    xxh3, sha256 = max(m["xxh3_gbps"] for m in measured), max(m["sha256_gbps"] for m in measured)
+    checksum = share / (xxh3 * 1e9)
     # The loop is blocked for the capture and the host copy; on GPUs the copy runs at the device-to-host
     # rate and the writer thread does not compete with the training for the device. The time blocked here
     # (capture and a host-memory copy on this machine) is added whole: an upper bound of the fixed costs.
-    async_stall = share / (args.host_copy_gbps * 1e9) + measured["async_blocked_s"]
+    async_stall = share / (args.host_copy_gbps * 1e9) + max(m["async_blocked_s"] for m in measured)
     return {
         "model": label, "params_b": params / 1e9, "checkpoint_gb": size / 1e9, "rank_gb": share / 1e9,
         "write_s": write, "checksum_s": checksum, "stall_sync_s": write + checksum, "stall_async_s": async_stall,
-        "rank0_sha256_s": size / (measured["sha256_gbps"] * 1e9),
+        "rank0_sha256_s": size / (sha256 * 1e9),
         "load_s": size / (args.nodes * args.fs_gbps_per_node * 1e9) + checksum,
     }
 
@@ -156,7 +164,8 @@ def markdown(measured: list[dict], projected: list[dict], args) -> str:
         f"`mtp bench checkpoint --ranks {args.ranks} --d-model {args.d_model} --layers {args.layers}` on "
         f"{date.today().isoformat()}, {platform.node()} ({os.cpu_count()} CPU cores, {device}); "
         "the slowest rank's figures.", "",
-        "| ranks | state GB (this rank) | write s (GB/s, all ranks) | without checksum s | checksum adds (wall; CPU) "
+        "| ranks | state GB (this rank) | write s (GB/s, all ranks) | without checksum s "
+        "| checksum adds: measured; hash time / write time "
         "| XXH3 GB/s | sha256 GB/s | first host copy s (GB/s) | step s | stall sync s "
         "| stall async s: blocked in save + lost by overlapped steps | blocked / sync | first async save s "
         "| verify + load s (GB/s) |",
@@ -166,7 +175,7 @@ def markdown(measured: list[dict], projected: list[dict], args) -> str:
         lines.append(
             f"| {m['ranks']} | {m['checkpoint_gb']:.2f} ({m['rank_gb']:.2f}) | {m['write_s']:.2f} "
             f"({m['write_gbps']:.2f}) | {m['write_plain_s']:.2f} | {m['checksum_overhead']:+.1%}; "
-            f"{m['checksum_cpu_share']:+.1%} "
+            f"{m['checksum_share']:.1%} "
             f"| {m['xxh3_gbps']:.1f} | {m['sha256_gbps']:.2f} | {m['host_copy_s']:.2f} ({m['host_copy_gbps']:.1f}) "
             f"| {m['step_s']:.2f} | {m['stall_sync_s']:.2f} | {m['stall_async_s']:.2f}: {m['async_blocked_s']:.2f} + "
             f"{max(0.0, m['stall_async_s'] - m['async_blocked_s']):.2f} ({m['async_steps_during']:g} steps) "
@@ -175,7 +184,7 @@ def markdown(measured: list[dict], projected: list[dict], args) -> str:
     lines += [
         "", f"Projection: {args.nodes} nodes x {args.ranks_per_node} GPUs, {args.fs_gbps_per_node:g} GB/s of file "
         f"system per node, {args.host_copy_gbps:g} GB/s device-to-host per GPU, {BYTES_PER_PARAM} bytes of state "
-        "per parameter, checksum at the XXH3 rate measured above.", "",
+        "per parameter, checksum at the best XXH3 rate measured above.", "",
         "| model | params | checkpoint GB (per rank) | write s | checksum s (per rank, parallel) | stall sync s "
         "| stall async s | rank-0 sha256 of all (before) s | resume s |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -75,3 +75,17 @@ def test_background_writer_reports_and_can_be_held_until_waited_for(tmp_path):
     assert started.wait(60) and not writer.done()
     result = writer.wait(60)
     assert writer.done() and result.records[0].size == 3 and Path(tmp_path / "a.bin").read_bytes() == b"abc"
+
+
+def test_save_faults_strike_their_rank_and_step_only(monkeypatch):
+    from pretrain.faults import FaultInjector, parse
+
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    full = FaultInjector(parse("enospc-in-save@4:1"), rank=1)
+    assert full.save_error(3) is None and FaultInjector(parse("enospc-in-save@4:1"), rank=0).save_error(4) is None
+    assert full.save_error(4).errno == errno.ENOSPC
+    released = threading.Event()
+    released.set()
+    FaultInjector(parse("slow-save@2"), rank=0).hold_save(2, released)  # returns once the trainer waits
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert full.save_error(4) is None  # the restarted group is not struck again
