@@ -31,6 +31,7 @@ import torch
 
 from parallel.pipeline import named_global_parameters
 from pretrain.checkpoint import ENGINE_TAG
+from pretrain.ckpt_writer import PendingFile
 from pretrain.errors import UserError
 from pretrain.model.sharding import VOCAB_PARAMS, local_slice, pad_rows, unshard
 
@@ -38,10 +39,11 @@ LAYOUT_DIR = "layout"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def save_layout(step_dir: str, engine, place) -> None:
-    """Describe this rank's shard (one writer per stage and tensor rank: data-parallel rank 0)."""
+def layout_file(step_dir: str, engine, place) -> PendingFile | None:
+    """This rank's shard description, to be written with its engine files (one writer per stage and
+    tensor rank: data-parallel rank 0; None on the others)."""
     if place.dp_rank != 0:
-        return
+        return None
     opt_index = _optimizer_indices(engine)
     params = []
     for local, name, p in named_global_parameters(engine.module):
@@ -53,8 +55,7 @@ def save_layout(step_dir: str, engine, place) -> None:
         })
     record = {"pp": place.pp_rank, "tp": place.tp_rank, "mp_rank": engine.checkpoint_mp_rank, "params": params}
     path = Path(step_dir) / LAYOUT_DIR / f"pp{place.pp_rank:02d}_tp{place.tp_rank:02d}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    return PendingFile(str(path), data=json.dumps(record).encode())
 
 
 def _optimizer_indices(engine) -> dict[int, int]:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.runtime import Runtime
+from pretrain.ckpt_writer import PendingFile
 from pretrain.config import RunConfig
 
 
@@ -86,21 +87,38 @@ class Steps:
 
     # ---- state -------------------------------------------------------------------
 
-    def save(self, directory: str, tag: str) -> None:
-        """This rank's engine files (weights, fp32 masters, Adam moments) and its shard description."""
-        from parallel.reshard import save_layout
+    def save(self, directory: str, tag: str) -> list[PendingFile]:
+        """This rank's engine files (weights, fp32 masters, Adam moments) and shard description, unwritten.
 
-        self.engine.save_checkpoint(directory, tag=tag)
-        save_layout(directory, self.engine, self.runtime.place)
+        DeepSpeed's `save_checkpoint` runs (its collectives included) but
+        writes nothing: `pretrain.ckpt_writer` writes what it returns, now or
+        from host copies in the background (parallel/ckpt_engine.py says why).
+        """
+        from parallel.ckpt_engine import capture_checkpoint
+        from parallel.reshard import layout_file
+
+        files = capture_checkpoint(self.engine, directory, tag).files
+        layout = layout_file(directory, self.engine, self.runtime.place)
+        return files + ([layout] if layout is not None else [])
 
     def load(self, directory: str, tag: str, reshard: bool) -> None:
-        """Load a checkpoint: DeepSpeed's loader for the layout that wrote it, our reshard for any other."""
+        """Load a checkpoint: DeepSpeed's loader for the layout that wrote it, our reshard for any other.
+
+        Ranks read their files at the file system's pace and DeepSpeed's
+        loader meets at barriers, so every group waits `checkpoint.timeout_s`
+        meanwhile, not the short step timeout.
+        """
+        from parallel.engine import apply_collective_timeout
         from parallel.reshard import load_resharded
 
-        if reshard:
-            load_resharded(directory, self.engine, self.runtime.place)
-        else:
-            self.engine.load_checkpoint(directory, tag=tag)
+        apply_collective_timeout(self.cfg.checkpoint.timeout_s)
+        try:
+            if reshard:
+                load_resharded(directory, self.engine, self.runtime.place)
+            else:
+                self.engine.load_checkpoint(directory, tag=tag)
+        finally:
+            apply_collective_timeout(self.cfg.fault.collective_timeout_s)
 
 
 class EngineSteps(Steps):

@@ -20,11 +20,13 @@ from pretrain.errors import RunFailure, UserError
 COMMAND_MODULES = [
     "data_pipeline.cli",
     "pretrain.commands",
+    "pretrain.ckpt_cli",
     "pretrain.submit",
     "pretrain.bench.loss_memory",
     "pretrain.bench.train_step",
     "pretrain.bench.faults",
     "pretrain.bench.gpu_check",
+    "pretrain.bench.checkpoint",
     "pretrain.inference.cli",
     "pretrain.evaluation.cli",
     "pretrain.plan",

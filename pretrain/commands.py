@@ -42,6 +42,9 @@ def register(subparsers, bench_subparsers) -> None:
     train.add_argument("--stop-after", type=int, metavar="STEPS",
                        help="checkpoint and exit after this many steps of this invocation (e.g. to fit a "
                             "job's time slot); re-run the same command to continue")
+    train.add_argument("--from-scratch", action="store_true",
+                       help="start at step 0 even though the run directory has checkpoints; they, metrics.jsonl "
+                            "and samples/ are moved into <checkpoints>/set-aside/<time>/, never deleted")
     train.set_defaults(func=_train)
 
     export = subparsers.add_parser(

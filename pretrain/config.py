@@ -100,8 +100,12 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 500  # steps between checkpoints
-    keep: int = 3  # newest complete checkpoints kept; older ones are deleted
+    keep: int = 3  # newest complete checkpoints kept; older ones are deleted once a newer one is sealed
     dir: str | None = None  # None = <run.dir>/checkpoints
+    # YAML key `async` (a Python keyword): write checkpoints in the background from host copies while
+    # training goes on; None = on when training on GPUs (runtime.cuda), off on CPUs
+    async_: bool | None = field(default=None, metadata={"key": "async"})
+    timeout_s: int = 1800  # save and resume collectives wait this long for the slowest rank's files
 
 
 @dataclass
@@ -254,12 +258,12 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 
 def _build_section(name: str, cls: type, values: dict, source: str) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {_key(f): f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in known:
             raise UserError(f"unknown key '{name}.{key}' in {source}{_suggest(str(key), known, prefix=name + '.')}")
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        kwargs[known[key]] = _coerce(value, hints[known[key]], f"{name}.{key}")
     return cls(**kwargs)
 
 
@@ -276,6 +280,21 @@ def _build_entry(value: Any, cls: type, key: str) -> Any:
     if missing:
         raise UserError(f"{key}.{missing[0]} is required")
     return _build_section(key, cls, value, "the config")
+
+
+def _key(f: dataclasses.Field) -> str:
+    """The YAML key of a config field: its name, unless that is a Python keyword (`checkpoint.async`)."""
+    return f.metadata.get("key", f.name)
+
+
+def as_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """The config as nested plain data under its YAML keys (what `from_dict` reads back)."""
+    out = {}
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        plain = dataclasses.asdict(values)
+        out[section.name] = {_key(f): plain[f.name] for f in dataclasses.fields(values)}
+    return out
 
 
 def _suggest(name: str, choices, prefix: str = "") -> str:
@@ -472,6 +491,7 @@ def _ranges(cfg: RunConfig) -> list[tuple[bool, str]]:
         *((_at_least(p.dp, 1, "parallel.dp", " (or null: derived from the world size)"),) if p.dp is not None else ()),
         _at_least(cfg.checkpoint.interval, 1, "checkpoint.interval"),
         _at_least(cfg.checkpoint.keep, 1, "checkpoint.keep", "; the newest checkpoint is always kept"),
+        _at_least(cfg.checkpoint.timeout_s, 1, "checkpoint.timeout_s", " (seconds)"),
         _at_least(f.collective_timeout_s, 1, "fault.collective_timeout_s", " (seconds)"),
         _at_least(f.max_skipped_steps, 0, "fault.max_skipped_steps", " (0 stops at the first NaN/inf step)"),
         _at_least(f.lock_timeout_s, 1, "fault.lock_timeout_s", " (seconds)"),
@@ -537,7 +557,7 @@ def check_data_dir(cfg: RunConfig) -> None:
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Flattened `section.key -> value`, the shape MLflow params want."""
-    return {f"{section}.{key}": value for section, values in dataclasses.asdict(cfg).items() for key, value in values.items()}
+    return {f"{section}.{key}": value for section, values in as_dict(cfg).items() for key, value in values.items()}
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
@@ -545,5 +565,5 @@ def save_config(cfg: RunConfig, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False, default_flow_style=None)
+        yaml.safe_dump(as_dict(cfg), f, sort_keys=False, default_flow_style=None)
     os.replace(tmp, path)

@@ -27,9 +27,9 @@ def resolve_checkpoint(path: str) -> Path:
     if not root.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a run dir, its checkpoints/ dir or one step_* dir")
     if (root / ckpt.MANIFEST).is_file() or (root / ckpt.COMPLETE).is_file():
-        problem = ckpt.verify(root)
-        if problem:
-            raise UserError(f"checkpoint {path} is unusable: {problem}; pass an older step_* dir")
+        problems = ckpt.verify(root)
+        if problems:
+            raise UserError(f"checkpoint {path} is unusable: {'; '.join(problems)}; pass an older step_* dir")
         return root
     for candidate in (root, root / "checkpoints"):
         found = ckpt.CheckpointStore(str(candidate), keep=1).latest() if candidate.is_dir() else None

@@ -10,7 +10,12 @@ every rank):
                     the other ranks wait in the step's collectives until
                     `fault.collective_timeout_s` ends them
     kill-in-save    SIGKILL while the checkpoint of that step is being written
-                    (engine files on disk, not yet sealed)
+                    (its first file on disk, not yet sealed; with checkpoint.async the
+                    background writer dies while training goes on)
+    slow-save       the checkpoint write of that step does not finish until the trainer
+                    has to wait for it (a slow file system: with checkpoint.async the
+                    next save, a stop signal or the end of training then waits)
+    enospc-in-save  the checkpoint write of that step fails with ENOSPC, as on a full disk
     nan             the step's embeddings become NaN, so its loss and every
                     gradient are NaN
     gate            wait before the step until the file MTP_FAULT_GATE exists
@@ -22,8 +27,8 @@ every rank):
                     (after the last step, before the run's outputs close)
     gate-in-save    the same while the checkpoint of that step is being written
 
-Several faults may be given, separated by commas. kill, stop, hang,
-kill-in-save and the gates strike the first attempt only (torchrun's
+Several faults may be given, separated by commas. kill, stop, hang, the
+save faults and the gates strike the first attempt only (torchrun's
 TORCHELASTIC_RESTART_COUNT=0), so the restarted group shows the recovery;
 nan strikes every attempt, like a bad batch would. Nothing happens without
 the variable: the hooks cost one comparison each.
@@ -31,9 +36,11 @@ the variable: the hooks cost one comparison each.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +49,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("kill", "stop", "hang", "kill-in-save", "nan", "gate", "gate-in-save")
+KINDS = ("kill", "stop", "hang", "kill-in-save", "slow-save", "enospc-in-save", "nan", "gate", "gate-in-save")
 MOMENTS = ("launch", "start", "resume", "end")  # the gate's moments that are not steps
 _SPEC = re.compile(r"^(?P<kind>[a-z-]+)@(?:(?P<moment>[a-z]+)|(?P<first>\d+)(?:-(?P<last>\d+))?)(?::(?P<rank>\d+))?$")
 HANG_S = 24 * 3600  # far past any collective timeout; the launcher kills the sleeper
@@ -123,6 +130,19 @@ class FaultInjector:
         """A gate at a moment that is not a step (MOMENTS)."""
         if any(f.strikes("gate", 0, self.rank, moment) for f in self.faults):
             wait_at_gate(f"rank {self.rank} at {moment}", moment)
+
+    def hold_save(self, step: int, released: threading.Event) -> None:
+        """slow-save: block the writer of `step`'s checkpoint until `released` (the trainer waits for it)."""
+        if self._strikes("slow-save", step):
+            _announce(f"rank {self.rank} holds the checkpoint write of step {step} until the trainer waits for it")
+            released.wait(HANG_S)
+
+    def save_error(self, step: int) -> OSError | None:
+        """enospc-in-save: the error the first write of `step`'s checkpoint raises instead of writing."""
+        if not self._strikes("enospc-in-save", step):
+            return None
+        _announce(f"rank {self.rank}: the checkpoint write of step {step} fails with ENOSPC")
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def poison(self, model: torch.nn.Module, step_of) -> None:
         """Make the embedding output NaN on the fault's steps (`step_of()` gives the step in flight)."""

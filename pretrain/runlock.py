@@ -139,9 +139,11 @@ class RunLock:
         recorded = self._holder()
         holder = recorded if recorded and (recorded.host, recorded.pid) == (host, pid) else Holder(
             host, pid, None, None, None)
-        if holder.same_launch(self.me):
+        gone_here = host == self.me.host and not _pid_alive(pid)
+        if holder.same_launch(self.me) and (host != self.me.host or gone_here):
+            # Another host's PID cannot be checked: its round ended when torchrun started this one.
             log.info("taking over %s from an earlier round of this job (%s)", self.path, holder.describe())
-        elif host == self.me.host and not _pid_alive(pid):
+        elif gone_here:
             log.warning("taking over %s: its holder (%s) no longer runs", self.path, holder.describe())
         elif host != self.me.host and self._heartbeat_age_s() > self.timeout_s:
             log.warning("taking over %s: its holder (%s) last renewed it %.0f s ago, more than "

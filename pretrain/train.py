@@ -23,6 +23,7 @@ from parallel.topology import layout_record
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, save_config
 from pretrain.errors import RunFailure, UserError
+from pretrain.evaluation.periodic import due as eval_due
 from pretrain.evaluation.periodic import evaluate_checkpoint
 from pretrain.faults import FaultInjector, from_env
 from pretrain.metrics import StepMetrics, Throughput
@@ -38,7 +39,7 @@ log = logging.getLogger("mtp.train")
 class Trainer:
     """One training run: the loop, resume, checkpoints; the engine behind `parallel.steps.Steps`."""
 
-    def __init__(self, cfg: RunConfig, runtime: Runtime, run_lock: RunLock | None = None):
+    def __init__(self, cfg: RunConfig, runtime: Runtime, run_lock: RunLock | None = None, from_scratch: bool = False):
         from parallel.steps import Steps
 
         self.cfg = cfg
@@ -46,9 +47,10 @@ class Trainer:
         self.place = runtime.place
         self.tokenizer = load_tokenizer(tokenizer_location(cfg.data))
         self.store = ckpt.CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
+        self.faults = _fault_injector(self.place.rank)
+        self.from_scratch = from_scratch
         self.found = self._newest_checkpoint()  # decided before the model: a fresh run may start pretrained
         self.steps = Steps.open(cfg, runtime, self._pretrained())
-        self.faults = _fault_injector(self.place.rank)
         self.faults.poison(self.steps.model, lambda: self.step + 1)
         # Pipeline stages between the first and the last never see a batch.
         self.loader = self._loader("train") if self.place.feeds_data else None
@@ -74,10 +76,19 @@ class Trainer:
     # ---- resume -------------------------------------------------------------
 
     def _newest_checkpoint(self) -> tuple[str, dict] | None:
-        """(path, extra) of the newest complete checkpoint, chosen on rank 0 for everyone; None: a fresh run."""
-        found = [self.store.latest() if self.is_main else None]
-        dist.broadcast_object_list(found, src=0)
-        return found[0]
+        """(path, extra) of the newest checkpoint whole on every rank, agreed by all; None: a fresh run.
+
+        Checkpoints that exist but are all damaged refuse the run (UserError)
+        unless `--from-scratch` moves them aside (pretrain/ckpt_resume.py).
+        """
+        from pretrain.ckpt_resume import choose, start_over
+        from pretrain.ckpt_save import CheckpointSaver
+
+        self.saver = CheckpointSaver(self.cfg, self.runtime, self.store, self.faults)
+        if self.from_scratch:
+            start_over(self.store, self.saver.group, self.cfg.run.dir)
+            return None
+        return choose(self.store, self.saver.group)
 
     def _pretrained(self):
         """`model.init_from`'s logical weights for a fresh run (read lazily, each rank its own slices)."""
@@ -99,12 +110,26 @@ class Trainer:
         reshard = saved is not None and saved != here
         if reshard:
             self._print(f"resharding {path}: saved as {_layout_text(saved)}, running as {_layout_text(here)}")
-        self.steps.load(path, ckpt.ENGINE_TAG, reshard)
+        try:
+            self.steps.load(path, ckpt.ENGINE_TAG, reshard)
+        except RuntimeError as err:
+            if not _is_timeout(err):
+                raise
+            raise self._load_timed_out(path) from None
         ckpt.load_rng_state(path, self.place.rank, self.runtime.device)
         if self.loader is not None:
             self.loader.load_state_dict(extra["data"])
         self.step, self.tokens, self.run_id = extra["step"], extra["tokens"], extra.get("mlflow_run_id")
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _load_timed_out(self, path: str) -> RunFailure:
+        from pathlib import Path
+
+        from pretrain.ckpt_group import timeout_message
+
+        survey = ckpt.check_metadata(Path(path))
+        return RunFailure(timeout_message(self.place.rank, f"loading {path}", self.cfg.checkpoint.timeout_s,
+                                          survey.nbytes, survey.nbytes // self.place.world_size))
 
     def _check_same_model(self, extra: dict) -> None:
         saved = {k: v for k, v in (extra.get("model") or {}).items() if k not in NOT_IDENTITY}
@@ -134,25 +159,26 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------
 
-    def save(self) -> None:
-        """Every rank writes its engine shard into one temp dir; rank 0 seals it (see checkpoint.py)."""
-        tmp = self.store.begin(self.step) if self.is_main else self.store.tmp_dir(self.step)
-        dist.barrier()
-        self.steps.save(tmp, ckpt.ENGINE_TAG)
-        ckpt.save_rng_state(tmp, self.place.rank, self.runtime.device)
-        self.faults.during_save(self.step)
-        dist.barrier()
-        if self.is_main:
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint this step: every rank writes its own files, rank 0 seals (pretrain/ckpt_save.py).
+
+        With `checkpoint.async` the files are written in the background
+        unless `wait` (a stop, the end of training).
+        """
+        def engine_files(tmp: str) -> list:
+            rng = ckpt.rng_state_file(tmp, self.place.rank, self.runtime.device)
+            return [*self.steps.save(tmp, ckpt.ENGINE_TAG), rng]
+
+        def main_files(tmp: str) -> None:
             save_config(self.cfg, os.path.join(tmp, "config.yaml"))
             self.tokenizer.save(os.path.join(tmp, "tokenizer"))
-            extra = {
-                "step": self.step, "tokens": self.tokens, "data": self.loader.state_dict(),
-                "mlflow_run_id": self.run_id, "model": asdict(self.cfg.model),
-                "layout": layout_record(self.cfg, self.place),
-            }
-            final = self.store.commit(tmp, self.step, extra)
-            self._print(f"checkpoint {final}")
-        dist.barrier()
+
+        extra = {
+            "step": self.step, "tokens": self.tokens, "data": self.loader.state_dict(),
+            "mlflow_run_id": self.run_id, "model": asdict(self.cfg.model),
+            "layout": layout_record(self.cfg, self.place),
+        } if self.is_main else None
+        self.saver.save(self.step, engine_files, main_files, extra, wait)
 
     # ---- the loop -------------------------------------------------------------
 
@@ -171,16 +197,19 @@ class Trainer:
                             "exiting")
             else:
                 self._loop(last_step, outputs)
+                self.saver.wait(self.step, "end of training")
             self.stop.settle()
             self.faults.at("end")
             val = None if early_stop else self.last_val or self.evaluate()
         except Exception as err:
+            self.saver.close()
             outputs.close("FAILED")
             if _is_timeout(err):
                 raise self._timed_out() from err
             if _is_peer_lost(err):
                 raise self._peer_lost(err) from err
             raise
+        self.saver.close()
         outputs.close("FINISHED" if self.step >= cfg.train.max_steps else "KILLED", self._summary(val))
         dist.barrier()
         return 0
@@ -210,12 +239,14 @@ class Trainer:
                 self._count_skip(outputs.flush())
             else:
                 self.skipped_in_row = 0
+            self.saver.poll(self.step)  # seals a background save once every rank's files are written
             stopping = self.stop.agreed()
             checkpointing = stopping or self.step % cfg.checkpoint.interval == 0 or self.step == last_step
             if checkpointing or self.step % cfg.train.log_interval == 0:
                 outputs.flush()  # the one host synchronisation for the steps since the last flush
             if checkpointing:
-                self.save()
+                # Evaluation reads the checkpoint from disk: an asynchronous save is sealed first.
+                self.save(wait=stopping or self.step == last_step or eval_due(cfg, self.step))
                 stopping = stopping or self.stop.agreed()  # a stop during the write: this checkpoint is the one
                 if not stopping:  # eval.suites every eval.interval steps, on the checkpoint just saved
                     evaluate_checkpoint(cfg, self.step, self.runtime)
@@ -355,7 +386,7 @@ def run(args, cfg: RunConfig | None = None) -> int:
             if runtime.is_main:
                 print("stop signal received during start-up: nothing to checkpoint yet, exiting", flush=True)
             return 0
-        return Trainer(cfg, runtime, run_lock).fit(stop_after=args.stop_after)
+        return Trainer(cfg, runtime, run_lock, args.from_scratch).fit(stop_after=args.stop_after)
     finally:
         if run_lock is not None:
             run_lock.release()

@@ -65,6 +65,9 @@ DRILLS = [
           "gradient all-reduce until `fault.collective_timeout_s=10`, exits 1, torchrun restarts", "hang@7:1"),
     Drill("killed-while-saving", "SIGKILL to rank 0 while it writes the step-8 checkpoint (engine files on disk, "
           "not sealed); torchrun restarts", "kill-in-save@8:0"),
+    Drill("killed-during-async-save", "`checkpoint.async=true`: SIGKILL to rank 1 from its background writer, "
+          "with the first file of the step-8 checkpoint on disk, while the main thread trains on; torchrun restarts",
+          "kill-in-save@8:1", ("checkpoint.async=true",)),
     Drill("corrupt-checkpoint", "a byte of the newest checkpoint (step 8) flipped after the run stopped "
           "(`--stop-after 8`); the same command is run again"),
     Drill("nan-skipped", "NaN embeddings at steps 5-8 (NaN loss and gradients); `fault.max_skipped_steps=5`; "
@@ -332,6 +335,12 @@ def same_state(checkpoints: Path, before: int, after: int) -> bool:
     """Every tensor of every engine file (weights, Adam moments, ZeRO partitions) equal in both checkpoints."""
     import torch
 
+    from parallel.runtime import fix_deepspeed_accelerator, local_decision
+
+    # The files hold DeepSpeed objects: unpickling imports DeepSpeed, which must know its accelerator
+    # first or it announces its guess on stdout (this command's --json output).
+    fix_deepspeed_accelerator(local_decision().accelerator)
+
     def tensors(step: int) -> dict[str, list]:
         root = checkpoints / f"step_{step:06d}"
         return {str(p.relative_to(root)): _leaves(torch.load(p, map_location="cpu", weights_only=False))
@@ -359,7 +368,8 @@ def _leaves(obj) -> list:
 def _note(timeline) -> str:
     """The trainer's own error line, if it printed one: what a user would read first."""
     errors = [line.removeprefix("mtp train: failed: ") for _, line in timeline if line.startswith("mtp train: failed:")]
-    return errors[0] if errors else ""
+    refused = [line.removeprefix("MTP_FAULT: ") for _, line in timeline if line.startswith("MTP_FAULT: a second trainer")]
+    return (errors or refused or [""])[0]
 
 
 def _tail(attempt: Attempt, n: int = 30) -> str:
@@ -410,6 +420,9 @@ READING = [
     "- *samples lost / repeated*: window ids from the sample logs (`data.log_sample_ids=true`) of the",
     "  finished steps, against the undisturbed run. Redone steps read the same windows again only because",
     "  their first reading was never committed; the audit counts what the final model trained on.",
+    "- *killed-during-async-save*: with `checkpoint.async=true` the step-8 checkpoint is written by a",
+    "  background thread while the main thread trains on; rank 1 dies mid-write, so that checkpoint is",
+    "  never sealed (rank 0 seals only when every rank reported its files) and the restart resumes from 4.",
     "- *losses = reference*: every head's loss at every step within a relative 1e-6 of the undisturbed run.",
     "  The NaN drills train differently on purpose: their skipped steps' windows are counted separately,",
     "  and *state kept* checks that weights, Adam moments and ZeRO partitions are bit-identical before",

@@ -58,10 +58,19 @@ def test_a_dead_holder_on_this_host_is_taken_over_with_a_warning(tmp_path, holde
 
 def test_a_requeued_attempt_of_the_same_job_takes_over_silently(tmp_path, holder_process, caplog, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
+    holder_process.kill()  # the earlier attempt's processes are gone when SLURM starts the next
+    holder_process.wait()
     with caplog.at_level(logging.INFO, logger="pretrain.runlock"):
         lock = RunLock(str(tmp_path / "run"), 120).acquire()
     assert "earlier round of this job" in caplog.text and "no longer runs" not in caplog.text
     lock.release()
+
+
+def test_a_live_holder_of_the_same_job_on_this_host_is_refused(tmp_path, holder_process, monkeypatch):
+    """The same command launched twice (same SLURM job or rendezvous id) while the first still runs."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with pytest.raises(UserError, match=f"PID {holder_process.pid}"):
+        RunLock(str(tmp_path / "run"), 120).acquire()
 
 
 def fake_remote_lock(run_dir: Path, host: str, renewed_s_ago: float, lifetime_s: int) -> None:
@@ -88,6 +97,15 @@ def test_a_remote_holder_without_a_heartbeat_is_taken_over(tmp_path, caplog):
         lock = RunLock(str(tmp_path / "run"), 60).acquire()
     assert "node-b.example" in caplog.text and "more than fault.lock_timeout_s=60" in caplog.text
     lock.release()
+
+
+def test_an_earlier_round_of_this_job_on_another_host_is_taken_over(tmp_path, caplog, monkeypatch):
+    """Its PID cannot be checked from here; torchrun or SLURM started this round after that one ended."""
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    fake_remote_lock(tmp_path / "run", "node-b.example", renewed_s_ago=5, lifetime_s=60)
+    with caplog.at_level(logging.INFO, logger="pretrain.runlock"):
+        RunLock(str(tmp_path / "run"), 60).acquire().release()
+    assert "earlier round of this job" in caplog.text
 
 
 def test_the_heartbeat_notices_a_lock_taken_away(tmp_path):
