@@ -210,8 +210,10 @@ class Trainer:
                 raise self._peer_lost(err) from err
             raise
         self.saver.close()
-        outputs.close("FINISHED" if self.step >= cfg.train.max_steps else "KILLED", self._summary(val))
+        # Every rank's part ends here; what is left is rank 0's: its wait for MLflow (up to
+        # tracking.close_timeout_s) must not hold the others in a collective that times out.
         dist.barrier()
+        outputs.close("FINISHED" if self.step >= cfg.train.max_steps else "KILLED", self._summary(val))
         return 0
 
     def _loop(self, last_step: int, outputs: RunOutputs) -> None:

@@ -36,16 +36,22 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
+def agent(runner, run_dir: Path, port: int, host: bool) -> list[str]:
+    """A torchrun agent of one worker joining the run's c10d rendezvous on `port` (`--nnodes=1:2`)."""
+    from pretrain.bench.faults import SHAPE
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+            "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id={run_dir.name}", f"--rdzv-conf=is_host={1 if host else 0}", "-m", "pretrain.cli", "train",
+            "--config", "configs/tiny-cpu.yaml", *SHAPE, f"data.dir={runner.data}", f"run.dir={run_dir}"]
+
+
 class Node:
-    """One torchrun agent with one worker, in a session of its own (so it can be killed as a node)."""
+    """A launcher (torchrun agent) and its workers, in a session of their own (so they can be killed as a node)."""
 
-    def __init__(self, runner, run_dir: Path, port: int, host: bool, env: dict[str, str], name: str):
-        from pretrain.bench.faults import REPO, SHAPE
+    def __init__(self, cmd: list[str], env: dict[str, str], name: str):
+        from pretrain.bench.faults import REPO
 
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
-               "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               f"--rdzv-id={run_dir.name}", f"--rdzv-conf=is_host={1 if host else 0}", "-m", "pretrain.cli", "train",
-               "--config", "configs/tiny-cpu.yaml", *SHAPE, f"data.dir={runner.data}", f"run.dir={run_dir}"]
         self.name, self.start = name, time.monotonic()
         self.lines: list[tuple[float, str]] = []
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -64,8 +70,12 @@ class Node:
         """SIGKILL the agent and every process below it (torchrun puts workers in sessions of their own)."""
         import psutil
 
-        agent = psutil.Process(self.proc.pid)
-        for proc in [*agent.children(recursive=True), agent]:
+        try:
+            agent = psutil.Process(self.proc.pid)
+            family = [*agent.children(recursive=True), agent]
+        except psutil.NoSuchProcess:  # already gone, and its workers with it
+            return
+        for proc in family:
             try:
                 proc.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
@@ -81,12 +91,18 @@ class Node:
         return code
 
 
+class DrillStalled(RuntimeError):
+    """A drill's run never reached the state the drill waits for: the drill fails, the others still run."""
+
+
 def _wait_until(what: str, ready, nodes: list[Node]) -> None:
     deadline = time.monotonic() + WAIT_S
     while not ready():
         if time.monotonic() > deadline or all(n.proc.poll() is not None for n in nodes):
             tail = "\n".join(line for n in nodes for _, line in n.lines[-20:])
-            raise RuntimeError(f"elastic drill: no {what}:\n{tail}")
+            for node in nodes:
+                node.kill()
+            raise DrillStalled(f"no {what}:\n{tail}")
         time.sleep(0.2)
 
 
@@ -103,8 +119,8 @@ def node_lost(runner, run_dir: Path):
     """Both nodes, node B killed before step 7; returns the bench's attempts (one timeline per node)."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    a = Node(runner, run_dir, port, True, _env(gate, "gate@7"), "A")
-    b = Node(runner, run_dir, port, False, _env(gate, "gate@7"), "B")
+    a = Node(agent(runner, run_dir, port, True), _env(gate, "gate@7"), "A")
+    b = Node(agent(runner, run_dir, port, False), _env(gate, "gate@7"), "B")
     _wait_until("two workers at the gate", lambda: sum(n.has("waits for") for n in (a, b)) == 2, [a, b])
     b.kill()
     a.lines.append((time.monotonic(), "MTP_FAULT: node B (agent and worker) SIGKILLed before step 7"))
@@ -117,10 +133,10 @@ def node_joined(runner, run_dir: Path):
     """Node A alone, node B joining before step 7."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    a = Node(runner, run_dir, port, True, _env(gate, "gate@7"), "A")
+    a = Node(agent(runner, run_dir, port, True), _env(gate, "gate@7"), "A")
     _wait_until("node A at the gate", lambda: a.has("waits for"), [a])
     a.lines.append((time.monotonic(), "MTP_FAULT: node B starts and joins before step 7"))
-    b = Node(runner, run_dir, port, False, _env(None, None), "B")
+    b = Node(agent(runner, run_dir, port, False), _env(None, None), "B")
     code_b, code_a = b.wait(), a.wait()
     return _attempts(max(code_a, code_b), a, b)
 
@@ -138,9 +154,9 @@ def second_trainer(runner, run_dir: Path):
     """A second identical launch on the run directory while the first waits before step 7."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    first = Node(runner, run_dir, port, True, _env(gate, "gate@7"), "first")
+    first = Node(agent(runner, run_dir, port, True), _env(gate, "gate@7"), "first")
     _wait_until("the first trainer at the gate", lambda: first.has("waits for"), [first])
-    second = Node(runner, run_dir, _port(), True, _env(None, None), "second")
+    second = Node(agent(runner, run_dir, _port(), True), _env(None, None), "second")
     code = second.wait()
     refusal = next((line for _, line in second.lines if "is in use by another trainer" in line), "")
     first.lines.append((time.monotonic(), f"MTP_FAULT: a second trainer exited {code}: {refusal}"))

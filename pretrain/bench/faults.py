@@ -82,8 +82,13 @@ DRILLS = [
           loss_tolerance=1e-4),
     Drill("second-trainer", "the same command started again on the same run directory while the first run "
           "waits before step 7; the second must refuse at once and the first finish undisturbed"),
+    Drill("tracking-down", "a real `mlflow server` (tracking on) stopped before step 5 and started again on the "
+          "same store before step 10; training must not wait for it and the MLflow run must end complete"),
+    Drill("disk-full", "the checkpoint directory on a 64 MB tmpfs, filled before step 8; step 8's checkpoint "
+          "fails with ENOSPC (exit 1), the space is freed when the trainer's line appears, torchrun restarts"),
 ]
 ELASTIC = {"node-lost", "node-joined", "second-trainer"}  # pretrain/bench/elastic.py launches these
+OUTAGES = {"tracking-down", "disk-full"}  # pretrain/bench/outages.py
 
 
 def register(subparsers, bench_subparsers) -> None:
@@ -131,7 +136,8 @@ class Result:
     @property
     def ok(self) -> bool:
         return (self.exit_code == self.expected_exit and self.samples_lost == 0 and self.samples_repeated == 0
-                and self.losses_equal in (True, None) and self.state_kept in (True, None))
+                and self.losses_equal in (True, None) and self.state_kept in (True, None)
+                and "INCOMPLETE" not in self.note)
 
 
 class Runner:
@@ -140,13 +146,16 @@ class Runner:
     def __init__(self, root: Path, data: str, nproc: int):
         self.root, self.data, self.nproc = root, data, nproc
 
+    def command(self, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+                "--max-restarts=1", "-m", "pretrain.cli", "train", "--config", "configs/tiny-cpu.yaml",
+                *SHAPE, f"data.dir={self.data}", f"run.dir={run_dir}", *extra]
+
     def launch(self, run_dir: Path, fault: str | None, extra: tuple[str, ...] = ()) -> Attempt:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-               "--max-restarts=1", "-m", "pretrain.cli", "train", "--config", "configs/tiny-cpu.yaml",
-               *SHAPE, f"data.dir={self.data}", f"run.dir={run_dir}", *extra]
         env = _env(fault)
         lines, start = [], time.monotonic()
-        with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        with subprocess.Popen(self.command(run_dir, extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
                               text=True, errors="replace") as proc:
             for line in proc.stdout:
                 lines.append((time.monotonic() - start, line.rstrip("\n")))
@@ -206,10 +215,14 @@ def drill_all(runner: Runner, drills: list[Drill]) -> list[Result]:
 
 def _drill(runner: Runner, drill: Drill, reference_dir: Path) -> Result:
     run_dir = runner.root / drill.name
-    if drill.name in ELASTIC:
-        from pretrain.bench import elastic
+    if drill.name in ELASTIC | OUTAGES:
+        from pretrain.bench import elastic, outages
 
-        attempts = getattr(elastic, drill.name.replace("-", "_"))(runner, run_dir)
+        module = elastic if drill.name in ELASTIC else outages
+        try:
+            attempts = getattr(module, drill.name.replace("-", "_"))(runner, run_dir)
+        except elastic.DrillStalled as err:
+            return _stalled(drill, str(err))
     elif drill.name == "corrupt-checkpoint":
         attempts = _corrupt_then_rerun(runner, run_dir)
     else:
@@ -217,6 +230,14 @@ def _drill(runner: Runner, drill: Drill, reference_dir: Path) -> Result:
         if drill.name == "preempted":
             attempts.append(runner.launch(run_dir, None, drill.overrides))
     return _measure(drill, run_dir, reference_dir, attempts)
+
+
+def _stalled(drill: Drill, why: str) -> Result:
+    """A drill that never reached its moment: FAILED, with what its processes printed last."""
+    print(f"drill {drill.name}: {why}", file=sys.stderr)
+    return Result(drill=drill.name, how=drill.how, exit_code=-1, expected_exit=drill.expect_exit, resumed_at=None,
+                  steps_lost=None, samples_lost=0, samples_repeated=0, samples_skipped=0, losses_equal=None,
+                  state_kept=None, recover_s=None, wall_s=0.0, note="the drill stalled: " + why.splitlines()[0])
 
 
 def _corrupt_then_rerun(runner: Runner, run_dir: Path) -> list[Attempt]:
@@ -365,11 +386,15 @@ def _leaves(obj) -> list:
     return []
 
 
+RECORDS = ("a second trainer", "MLflow", "checkpoint directory after")  # what a drill found, for its note
+
+
 def _note(timeline) -> str:
-    """The trainer's own error line, if it printed one: what a user would read first."""
+    """The trainer's own error line, if it printed one (what a user would read first), and the drill's findings."""
     errors = [line.removeprefix("mtp train: failed: ") for _, line in timeline if line.startswith("mtp train: failed:")]
-    refused = [line.removeprefix("MTP_FAULT: ") for _, line in timeline if line.startswith("MTP_FAULT: a second trainer")]
-    return (errors or refused or [""])[0]
+    records = [line.removeprefix("MTP_FAULT: ") for _, line in timeline
+               if line.startswith(tuple(f"MTP_FAULT: {r}" for r in RECORDS))]
+    return " / ".join(errors[:1] + records)
 
 
 def _tail(attempt: Attempt, n: int = 30) -> str:
@@ -439,13 +464,15 @@ READING = [
     "- *second-trainer*: its refusal is the note; the first run must finish as the reference.",
     "- *longest stall*: the longest gap between two consecutive step lines of a run, gaps around a fault",
     "  or a restart left out; compare it with the reference's steps on the same machine.",
-    "- Not in this table, tested in `tests/integration/test_reliability.py` and `tests/unit/test_tracking.py`:",
-    "  the tracking server stopped mid-run and restarted (exit 0, every step once in MLflow, one warning",
-    "  each way, no step waits for the server: a frozen server whose requests take an hour leaves",
-    "  logging instant and the end of the run bounded by `tracking.close_timeout_s`); a resume while the",
-    "  server is down (trains, the backlog arrives later); a stop signal during start-up, resume, a",
-    "  checkpoint write and after the last step (exit 0 each, as docs/training.md says); a full disk",
-    "  under the logs (one line, exit 1, nothing older lost, the resume equal to the reference).",
+    "- *tracking-down*: the note is what the MLflow run holds afterwards (every step once, FINISHED) and",
+    "  the trainer's warnings; its *longest stall* covers the steps trained while the server was down.",
+    "- *disk-full*: the note is the trainer's one line and what the checkpoint directory holds afterwards",
+    "  (no partial checkpoint left; step 4 kept and resumed from).",
+    "- Also tested, not drilled here (`tests/integration/test_reliability.py`, `tests/unit/test_tracking.py`):",
+    "  a frozen server whose requests take an hour (logging stays instant, the end of the run is bounded by",
+    "  `tracking.close_timeout_s`); a resume while the server is down (trains, the backlog arrives later);",
+    "  a stop signal during start-up, resume, a checkpoint write and after the last step (exit 0 each, as",
+    "  docs/training.md says); a full disk under the logs (one line, exit 1, nothing older lost).",
 ]
 
 

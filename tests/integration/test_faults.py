@@ -2,7 +2,8 @@
 
 The drills are those of `mtp bench faults` (which writes docs/reliability.md):
 a hung rank, a kill during a checkpoint write, NaN steps skipped and NaN
-steps that exhaust `fault.max_skipped_steps`. A worker killed by SIGKILL and
+steps that exhaust `fault.max_skipped_steps`, the tracking server down for
+part of a two-process run. A worker killed by SIGKILL and
 a preemption are drilled on the real SLURM cluster in test_slurm.py.
 """
 
@@ -14,7 +15,7 @@ from pretrain.bench.faults import same_state
 from tests.integration.conftest import mtp_env, run_mtp
 from tests.integration.test_train import metrics
 
-DRILLS = "rank-hung,killed-while-saving,nan-skipped,nan-diverged"
+DRILLS = "rank-hung,killed-while-saving,nan-skipped,nan-diverged,tracking-down"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,15 @@ def test_too_many_nan_steps_stop_the_run_naming_the_step(drills):
     result = drills["nan-diverged"]
     assert result["exit_code"] == 1, result
     assert "step 7:" in result["note"] and "fault.max_skipped_steps=2" in result["note"], result
+
+
+def test_a_tracking_outage_neither_restarts_nor_loses_a_step(drills):
+    """Rank 0 drains MLflow's backlog at the end while rank 1 is done: no collective waits on the tracker."""
+    result = drills["tracking-down"]
+    assert_recovered_exactly(result)
+    assert result["resumed_at"] is None, "the group was restarted: " + result["note"]
+    assert result["note"].startswith("MLflow complete: 12 of 12 steps once each in the run, status FINISHED"), result
+    assert "warned 1x unreachable, 1x back" in result["note"], result
 
 
 def test_zero_stage_0_skips_nan_steps_exactly(small_corpus, tmp_path):

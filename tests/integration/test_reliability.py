@@ -5,7 +5,6 @@ Every moment is reached deterministically: the trainer waits at a gate (`MTP_FAU
 pretrain/faults.py) until the test has done its part, and the test waits for the trainer's own lines.
 """
 
-import os
 import signal
 import subprocess
 import time
@@ -14,9 +13,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pretrain.bench.tmpfs import fill
 from tests.integration import test_train
 from tests.integration.conftest import MTP, REPO, mtp_env
 from tests.integration.test_train import TINY, head_losses, metrics
+from tests.tmpfs import small_tmpfs
 from tests.unit.test_tracking import free_port, mlflow_server
 
 uninterrupted = test_train.full_run  # the fixture `full_run`: 20 undisturbed steps to compare with
@@ -164,29 +165,8 @@ def test_a_resume_while_the_server_is_down_trains_and_catches_up_later(small_cor
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MB tmpfs: a real file system that really fills up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        problem = f"cannot mount a tmpfs ({proc.stderr.strip()}); the disk-full test needs root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    ballast = disk / "ballast"
-    with open(ballast, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError:
-            pass
-    return ballast
+    with small_tmpfs(tmp_path, 64 << 20) as mount:
+        yield mount
 
 
 def test_a_full_disk_under_the_logs_is_one_line_and_loses_nothing(small_corpus, small_disk, tmp_path, full_run):

@@ -6,15 +6,14 @@ Each run is a real `mtp train` process on a tiny model over real stdlib code.
 import json
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pretrain.local_mlflow import free_port, serve
 from tests.integration.conftest import MTP, REPO, mtp_env, run_mtp
 
 TINY = [
@@ -152,37 +151,13 @@ def test_export_round_trips_weights(full_run, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_training_logs_to_a_real_mlflow_server(small_corpus, tmp_path):
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = MlflowClient(uri)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.search_experiments()
-                break
-            except Exception:  # noqa: BLE001 -- any failure means "not up yet"; the deadline ends the wait
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not come up"
-                time.sleep(1)
-        train(tmp_path / "remote", small_corpus, f"tracking.uri={uri}", "train.max_steps=3", "train.eval_interval=0")
+    with serve(tmp_path / "server", free_port()) as server:
+        train(tmp_path / "remote", small_corpus, f"tracking.uri={server.uri}", "train.max_steps=3",
+              "train.eval_interval=0")
+        client = MlflowClient(server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
         assert run.info.status == "FINISHED" and "loss_head4" in run.data.metrics
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.parametrize(

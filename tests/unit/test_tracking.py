@@ -3,11 +3,7 @@
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,11 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from pretrain.config import apply_overrides, config_to_dict, from_dict
 from pretrain.errors import UserError
+from pretrain.local_mlflow import free_port, serve
 from pretrain.metrics import MetricsWriter, StepMetrics
 from pretrain.tracking import NullTracker, Tracker, make_tracker, plot_head_curves, resolve_tracking_uri
 from pretrain.tracking_background import BackgroundTracker
-
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
 def sqlite_uri(tmp_path) -> str:
@@ -144,55 +139,17 @@ def test_make_tracker_is_a_no_op_off_rank_zero_or_when_disabled(tmp_path, monkey
     assert MlflowClient(sqlite_uri(tmp_path)).get_run(tracker.run_id).info.run_name == tmp_path.name
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def mlflow_server(tmp_path: Path, port: int):
-    """A real `mlflow server` on loopback, ready when /health answers; always stopped."""
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / f"server-{port}.log", "a")
-    proc = subprocess.Popen(
-        [MLFLOW, "server", "--backend-store-uri", sqlite_uri(tmp_path),
-         "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    (tmp_path / "server.pid").write_text(str(proc.pid))
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/health", tmp_path / f"server-{port}.log")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    """A real `mlflow server` on loopback (pretrain/local_mlflow.py), its store in tmp_path."""
+    with serve(tmp_path, port) as server:
+        (tmp_path / "server.pid").write_text(str(server.pid))
+        yield server.uri
 
 
 def server_pid(tmp_path: Path) -> int:
     """The process group of the newest `mlflow_server` started in tmp_path (it leads its own session)."""
     return int((tmp_path / "server.pid").read_text())
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, deadline_s: float = 180) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not ready after {deadline_s}s:\n{log_path.read_text()[-3000:]}")
 
 
 def test_real_server_receives_the_run(tmp_path):
