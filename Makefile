@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# SLURM and munge for the cluster tests (tests/integration/test_slurm.py).
+# SLURM and munge for the cluster tests (tests/integration/test_slurm*.py).
 # Runs apt-get only when a daemon or client is missing, so a second run is instant.
 SYSTEM_TOOLS := slurmctld slurmd munged sbatch srun scontrol scancel squeue sinfo
 system-deps:
@@ -33,6 +33,12 @@ system-deps:
 		echo "installing slurm-wlm and munge (missing: $$(echo $$missing))"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; \
+	fi
+	@# iproute2: the two-node cluster's network namespaces, veth pairs and bridge (tests/integration/slurm_netns.py).
+	@if ! command -v ip >/dev/null; then \
+		echo "installing iproute2 (missing: ip)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends iproute2; \
 	fi
 	@# bubblewrap: the sandbox `mtp eval --suite humaneval` runs generated code in (pretrain/evaluation/sandbox.py).
 	@if ! command -v bwrap >/dev/null; then \

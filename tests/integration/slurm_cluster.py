@@ -67,12 +67,20 @@ def _memory_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2
 
 
-def slurm_conf(root: Path, ctld_port: int, slurmd_port: int) -> str:
-    """The whole config of a one-node cluster whose files all live under `root`."""
+LOOPBACK_NODES = ((NODE, "127.0.0.1"),)
+
+
+def slurm_conf(root: Path, ctld_port: int, slurmd_port: int, nodes=LOOPBACK_NODES, ctld_addr: str = "127.0.0.1",
+               extra: tuple[str, ...] = ()) -> str:
+    """The whole config of a cluster whose files all live under `root`; `nodes`: (NodeName, NodeAddr) pairs.
+
+    `%n` in slurmd's paths is the node's name, so several slurmd on one machine keep apart.
+    """
     user = getpass.getuser()
+    names = ",".join(name for name, _ in nodes)
     return "\n".join([
         "ClusterName=mtptest",
-        f"SlurmctldHost={NODE}(127.0.0.1)",
+        f"SlurmctldHost={NODE}({ctld_addr})",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
         f"SlurmUser={user}",
@@ -81,11 +89,11 @@ def slurm_conf(root: Path, ctld_port: int, slurmd_port: int) -> str:
         "CredType=cred/munge",
         f"AuthInfo=socket={root}/munge/munge.sock,cred_expire=10",
         f"StateSaveLocation={root}/state",
-        f"SlurmdSpoolDir={root}/spool",
+        f"SlurmdSpoolDir={root}/spool/%n",
         f"SlurmctldPidFile={root}/run/slurmctld.pid",
-        f"SlurmdPidFile={root}/run/slurmd.pid",
+        f"SlurmdPidFile={root}/run/slurmd-%n.pid",
         f"SlurmctldLogFile={root}/log/slurmctld.log",
-        f"SlurmdLogFile={root}/log/slurmd.log",
+        f"SlurmdLogFile={root}/log/slurmd-%n.log",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",
@@ -100,8 +108,10 @@ def slurm_conf(root: Path, ctld_port: int, slurmd_port: int) -> str:
         "AccountingStorageType=accounting_storage/none",
         "JobAcctGatherType=jobacct_gather/none",
         "JobCompType=jobcomp/none",
-        f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_memory_mb()} State=UNKNOWN",
-        f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
+        *extra,
+        *(f"NodeName={name} NodeAddr={addr} CPUs={os.cpu_count()} RealMemory={_memory_mb()} State=UNKNOWN"
+          for name, addr in nodes),
+        f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP",
         "",
     ])
 
@@ -111,15 +121,15 @@ def slurm_conf(root: Path, ctld_port: int, slurmd_port: int) -> str:
 CGROUP_CONF = "# No cgroup plugin is used: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none.\n"
 
 
-def write_files(root: Path) -> None:
+def write_files(root: Path, nodes=LOOPBACK_NODES, ctld_addr: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> None:
     """The munge key, slurm.conf, cgroup.conf and the dirs the daemons expect to exist."""
-    for sub in ("munge", "state", "spool", "log", "run"):
+    for sub in ("munge", "state", "spool", "log", "run", *(f"spool/{name}" for name, _ in nodes)):
         (root / sub).mkdir(mode=0o755)
     key = root / "munge" / "munge.key"
     key.write_bytes(secrets.token_bytes(1024))
     key.chmod(0o600)  # munged refuses a key others can read
     ctld_port, slurmd_port = _free_ports(2)
-    (root / "slurm.conf").write_text(slurm_conf(root, ctld_port, slurmd_port))
+    (root / "slurm.conf").write_text(slurm_conf(root, ctld_port, slurmd_port, nodes, ctld_addr, extra))
     (root / "cgroup.conf").write_text(CGROUP_CONF)
 
 
@@ -146,14 +156,23 @@ class SlurmCluster:
         root.chmod(0o755)
         cluster = cls(root)
         try:
-            write_files(root)
+            cluster._write_files()
             cluster._start_daemons(time.monotonic() + timeout)
         except BaseException:
             cluster.stop()
             raise
         return cluster
 
+    def _write_files(self) -> None:
+        write_files(self.root)
+
     def _start_daemons(self, deadline: float) -> None:
+        self._start_controller(deadline)
+        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", NODE])
+        self._wait(deadline, f"node {NODE} to become idle", lambda: self.node_state() == "idle")
+
+    def _start_controller(self, deadline: float) -> None:
+        """munged, then slurmctld, until it answers."""
         munge = self.root / "munge"
         self._spawn("munged", ["munged", "-F", "--force", f"--key-file={munge}/munge.key",
                                f"--socket={munge}/munge.sock", f"--pid-file={munge}/munged.pid",
@@ -161,8 +180,6 @@ class SlurmCluster:
         self._wait(deadline, "munged to open its socket", lambda: (munge / "munge.sock").exists())
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         self._wait(deadline, "slurmctld to answer", lambda: self.run("scontrol", "ping", check=False).returncode == 0)
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", NODE])
-        self._wait(deadline, f"node {NODE} to become idle", lambda: self.node_state() == "idle")
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         console = open(self.root / "log" / f"{name}.console", "w")
@@ -216,8 +233,8 @@ class SlurmCluster:
             raise ClusterError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}\n" + self.log_tails())
         return proc
 
-    def node_state(self) -> str:
-        return self.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False).stdout.strip()
+    def node_state(self, node: str = NODE) -> str:
+        return self.run("sinfo", "-h", "-n", node, "-o", "%T", check=False).stdout.strip()
 
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job` as a dict: JobState, Restarts, NodeList, ..."""
