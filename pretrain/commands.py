@@ -24,7 +24,9 @@ def _train(args) -> int:
 def _export(args) -> int:
     from pretrain.startup import check_output_file
 
-    check_output_file(args.out, "--out")  # before the checkpoint is read: seconds, not minutes, for a typo
+    # Before the checkpoint is read: seconds, not minutes, for a typo. An hf export may replace a directory
+    # (--overwrite; pretrain/hf/export.py swaps it in only once the new one is complete).
+    check_output_file(args.out, "--out", replaceable=args.format == "hf" and args.overwrite)
     from pretrain.export import run
 
     return run(args)

@@ -95,8 +95,14 @@ def parse_all(spec: str) -> list[Fault]:
 
 
 def from_env() -> list[Fault]:
+    """The faults MTP_FAULT asks for; a malformed value is a user error (one line, exit 2)."""
+    from pretrain.errors import UserError
+
     spec = os.environ.get("MTP_FAULT")
-    return parse_all(spec) if spec else []
+    try:
+        return parse_all(spec) if spec else []
+    except ValueError as err:
+        raise UserError(f"{err}; unset MTP_FAULT for a normal run") from None
 
 
 class FaultInjector:

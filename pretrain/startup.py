@@ -66,10 +66,10 @@ def check_writable_dir(path: str, key: str) -> None:
         raise UserError(f"{key}={path} is not writable by this user; choose a writable {key}")
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """`path` can be written as a new file: it does not exist and no part of its directory is a file."""
+def check_output_file(path: str, flag: str, replaceable: bool = False) -> None:
+    """`path` can be written: it does not exist (or may be replaced) and no part of its directory is a file."""
     target = Path(path)
-    if target.exists():
+    if target.exists() and not replaceable:
         raise UserError(f"{path} already exists; choose another {flag} or delete it first")
     for part in target.parents:
         if part.exists() and not part.is_dir():

@@ -113,11 +113,7 @@ class Tracker:
 
     def send(self, rows: list[dict]) -> None:
         """Log metrics.jsonl-shaped rows ({"step": s, name: value, ...}); raises if MLflow does not take them."""
-        now_ms = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now_ms, row["step"]) for row in rows
-                   for key, value in row.items() if key != "step"]
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
+        send_rows(self.client, self.run_id, rows)
 
     def log_artifact(self, path: str) -> None:
         self.client.log_artifact(self.run_id, path)
@@ -125,6 +121,15 @@ class Tracker:
     def terminate(self, status: str) -> None:
         """Mark the run ended: "FINISHED", "FAILED" or "KILLED"."""
         self.client.set_terminated(self.run_id, status=status)
+
+
+def send_rows(client: MlflowClient, run_id: str, rows: list[dict]) -> None:
+    """metrics.jsonl-shaped rows into an existing run, in MLflow's largest batches."""
+    now_ms = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now_ms, row["step"]) for row in rows for key, value in row.items()
+               if key != "step"]
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
 
 
 class NullTracker:

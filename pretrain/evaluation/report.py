@@ -11,7 +11,6 @@ kept), `eval.tokens_per_forward.k{K}` (expected), `eval.humaneval.pass_at_{k}`.
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 log = logging.getLogger("mtp.eval")
@@ -92,21 +91,16 @@ def log_mlflow(values: dict[str, float], source, uri: str | None, name: str) -> 
     if not values:
         return None
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from pretrain.tracking import Tracker
+    from pretrain.tracking import Tracker, send_rows
 
     step = source.step or 0
-    if source.mlflow_run_id and uri == source.tracking_uri:
-        client = MlflowClient(tracking_uri=uri)
-        now_ms = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now_ms, step) for k, v in values.items()]
-        for first in range(0, len(batch), 1000):
-            client.log_batch(source.mlflow_run_id, metrics=batch[first : first + 1000], synchronous=True)
+    if source.mlflow_run_id and uri == source.tracking_uri:  # beside the training run's own metrics, at its step
+        send_rows(MlflowClient(tracking_uri=uri), source.mlflow_run_id, [{"step": step, **values}])
         return source.mlflow_run_id
     tracker = Tracker(uri, "mtp-eval", name, None)
     tracker.log_params({"model": source.path, "step": step})
-    tracker.log_metrics(values, step=step)
-    tracker.close()
+    tracker.send([{"step": step, **values}])
+    tracker.terminate("FINISHED")
     return tracker.run_id
