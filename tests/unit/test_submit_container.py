@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.cli import main
+from tests.integration.conftest import small_corpus  # noqa: F401  (a fixture, found by pytest by name)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "train.sbatch"
@@ -25,12 +26,9 @@ USR1_SHELL = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun-node"]
 
 
 @pytest.fixture
-def data_dir(tmp_path) -> Path:
-    """`mtp submit` only checks that prepared data exists (its manifest)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "manifest.json").write_text("{}")
-    return data
+def data_dir(small_corpus) -> Path:  # noqa: F811 (the imported fixture)
+    """Real prepared data: `mtp submit` checks its manifest and tokenizer before it writes anything."""
+    return small_corpus
 
 
 def submitted(tmp_path: Path, data: Path, *extra: str) -> list[str]:
@@ -123,7 +121,7 @@ def torchrun(nproc: int = 1) -> list[str]:
             "-m", "pretrain.cli", "train", "--config", "c.yaml", "run.dir=r"]
 
 
-SRUN = ["--nodes=1", "--ntasks-per-node=1", "--kill-on-bad-exit=0"]
+SRUN = ["--nodes=1", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--no-kill=off"]  # one node: no node to survive
 
 
 def test_script_without_an_image_runs_torchrun_on_the_host(tmp_path):
