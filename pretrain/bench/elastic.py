@@ -95,7 +95,7 @@ class DrillStalled(RuntimeError):
     """A drill's run never reached the state the drill waits for: the drill fails, the others still run."""
 
 
-def _wait_until(what: str, ready, nodes: list[Node]) -> None:
+def wait_until(what: str, ready, nodes: list[Node]) -> None:
     deadline = time.monotonic() + WAIT_S
     while not ready():
         if time.monotonic() > deadline or all(n.proc.poll() is not None for n in nodes):
@@ -106,7 +106,7 @@ def _wait_until(what: str, ready, nodes: list[Node]) -> None:
         time.sleep(0.2)
 
 
-def _env(gate: Path | None, fault: str | None) -> dict[str, str]:
+def gated_env(gate: Path | None, fault: str | None) -> dict[str, str]:
     from pretrain.bench.faults import _env as base_env
 
     env = base_env(fault)
@@ -119,29 +119,29 @@ def node_lost(runner, run_dir: Path):
     """Both nodes, node B killed before step 7; returns the bench's attempts (one timeline per node)."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    a = Node(agent(runner, run_dir, port, True), _env(gate, "gate@7"), "A")
-    b = Node(agent(runner, run_dir, port, False), _env(gate, "gate@7"), "B")
-    _wait_until("two workers at the gate", lambda: sum(n.has("waits for") for n in (a, b)) == 2, [a, b])
+    a = Node(agent(runner, run_dir, port, True), gated_env(gate, "gate@7"), "A")
+    b = Node(agent(runner, run_dir, port, False), gated_env(gate, "gate@7"), "B")
+    wait_until("two workers at the gate", lambda: sum(n.has("waits for") for n in (a, b)) == 2, [a, b])
     b.kill()
     a.lines.append((time.monotonic(), "MTP_FAULT: node B (agent and worker) SIGKILLed before step 7"))
     Path(str(gate).replace("{}", "7")).touch()
     b.wait()
-    return _attempts(a.wait(), a, b)
+    return as_attempts(a.wait(), a, b)
 
 
 def node_joined(runner, run_dir: Path):
     """Node A alone, node B joining before step 7."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    a = Node(agent(runner, run_dir, port, True), _env(gate, "gate@7"), "A")
-    _wait_until("node A at the gate", lambda: a.has("waits for"), [a])
+    a = Node(agent(runner, run_dir, port, True), gated_env(gate, "gate@7"), "A")
+    wait_until("node A at the gate", lambda: a.has("waits for"), [a])
     a.lines.append((time.monotonic(), "MTP_FAULT: node B starts and joins before step 7"))
-    b = Node(agent(runner, run_dir, port, False), _env(None, None), "B")
+    b = Node(agent(runner, run_dir, port, False), gated_env(None, None), "B")
     code_b, code_a = b.wait(), a.wait()
-    return _attempts(max(code_a, code_b), a, b)
+    return as_attempts(max(code_a, code_b), a, b)
 
 
-def _attempts(code: int, *nodes: Node):
+def as_attempts(code: int, *nodes: Node):
     """All nodes' lines as one attempt on one clock, as the other drills' timelines."""
     from pretrain.bench.faults import Attempt
 
@@ -154,11 +154,11 @@ def second_trainer(runner, run_dir: Path):
     """A second identical launch on the run directory while the first waits before step 7."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    first = Node(agent(runner, run_dir, port, True), _env(gate, "gate@7"), "first")
-    _wait_until("the first trainer at the gate", lambda: first.has("waits for"), [first])
-    second = Node(agent(runner, run_dir, _port(), True), _env(None, None), "second")
+    first = Node(agent(runner, run_dir, port, True), gated_env(gate, "gate@7"), "first")
+    wait_until("the first trainer at the gate", lambda: first.has("waits for"), [first])
+    second = Node(agent(runner, run_dir, _port(), True), gated_env(None, None), "second")
     code = second.wait()
     refusal = next((line for _, line in second.lines if "is in use by another trainer" in line), "")
     first.lines.append((time.monotonic(), f"MTP_FAULT: a second trainer exited {code}: {refusal}"))
     Path(str(gate).replace("{}", "7")).touch()
-    return _attempts(first.wait(), first)
+    return as_attempts(first.wait(), first)

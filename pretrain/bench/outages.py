@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pretrain.bench.elastic import Node, _attempts, _env, _wait_until
+from pretrain.bench.elastic import Node, as_attempts, gated_env, wait_until
 from pretrain.errors import UserError
 
 
@@ -31,7 +31,7 @@ def _open(gate: Path, label: str) -> None:
 
 def _at_gate(node: Node, gate: Path, label: str) -> None:
     path = str(gate).replace("{}", label)
-    _wait_until(f"the trainer at {path}", lambda: node.has(f"waits for {path}"), [node])
+    wait_until(f"the trainer at {path}", lambda: node.has(f"waits for {path}"), [node])
 
 
 def tracking_down(runner, run_dir: Path):
@@ -44,7 +44,7 @@ def tracking_down(runner, run_dir: Path):
     with serve(store, port) as server:
         node = Node(runner.command(run_dir, ("tracking.enabled=true", f"tracking.uri={server.uri}",
                                              "tracking.close_timeout_s=300")),
-                    _env(gate, "gate@5,gate@10"), "trainer")
+                    gated_env(gate, "gate@5,gate@10"), "trainer")
         _at_gate(node, gate, "5")
     node.lines.append((time.monotonic(), "MTP_FAULT: the MLflow server stopped before step 5"))
     _open(gate, "5")
@@ -54,7 +54,7 @@ def tracking_down(runner, run_dir: Path):
         _open(gate, "10")
         code = node.wait()
         node.lines.append((time.monotonic(), "MTP_FAULT: " + _mlflow_record(MlflowClient(server.uri), node)))
-    return _attempts(code, node)
+    return as_attempts(code, node)
 
 
 def _mlflow_record(client, node: Node) -> str:
@@ -81,12 +81,12 @@ def disk_full(runner, run_dir: Path):
     try:
         with small_tmpfs(runner.root, 64 << 20) as disk:
             node = Node(runner.command(run_dir, (f"checkpoint.dir={disk / 'checkpoints'}",)),
-                        _env(gate, "gate@8"), "trainer")
+                        gated_env(gate, "gate@8"), "trainer")
             _at_gate(node, gate, "8")
             ballast = fill(disk)
             node.lines.append((time.monotonic(), "MTP_FAULT: the checkpoint file system filled before step 8"))
             _open(gate, "8")
-            _wait_until("the trainer's no-space line",
+            wait_until("the trainer's no-space line",
                         lambda: any("no space left" in line.lower() for _, line in list(node.lines)), [node])
             ballast.unlink()
             node.lines.append((time.monotonic(), "MTP_FAULT: space freed; torchrun restarts the group"))
@@ -96,4 +96,4 @@ def disk_full(runner, run_dir: Path):
     except CannotMount as err:
         raise UserError(f"the disk-full drill mounts a tmpfs ({err}); run it as root, or leave it out with "
                         "--drills") from None
-    return _attempts(code, node)
+    return as_attempts(code, node)
