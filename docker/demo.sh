@@ -9,6 +9,8 @@
 #   DEMO_STEPS       training steps (default 150, about ten minutes on 2 CPU cores)
 #   DEMO_SOURCE      what `mtp prepare --source` reads (default: stdlib, the whole standard library)
 #   DEMO_DATA        prepared data directory (default runs/data/stdlib-byte)
+#   DEMO_VAL_FRACTION  share of documents held out for validation (default: mtp prepare's 0.01;
+#                    a source of a few dozen files needs more, e.g. 0.2, to hold any)
 #   DEMO_RUN         run directory (default runs/demo)
 #   DEMO_NEW_TOKENS  tokens each completion generates (default 128)
 # Any arguments are extra `mtp train` overrides (key.sub=value).
@@ -20,9 +22,11 @@ RUN=${DEMO_RUN:-runs/demo}
 NEW_TOKENS=${DEMO_NEW_TOKENS:-128}
 CONFIG=/opt/mtp/configs/tiny-cpu.yaml
 read -ra SOURCE <<< "${DEMO_SOURCE:-stdlib}"
+VAL=()
+[ -n "${DEMO_VAL_FRACTION:-}" ] && VAL=(--val-fraction "$DEMO_VAL_FRACTION")
 
 if [ ! -f "$DATA/manifest.json" ]; then
-  mtp prepare --source "${SOURCE[@]}" --tokenizer byte --out "$DATA"
+  mtp prepare --source "${SOURCE[@]}" --tokenizer byte --out "$DATA" "${VAL[@]}"
 fi
 mtp train --config "$CONFIG" model.n_future=4 run.dir="$RUN" data.dir="$DATA" train.max_steps="$STEPS" \
   schedule.warmup_steps=$(( STEPS / 10 )) train.eval_interval=$(( (STEPS + 2) / 3 )) \

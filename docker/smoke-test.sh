@@ -125,7 +125,7 @@ check_demo_tracked_in_server() {
   wait_healthy "$project" "$port" || fail "the compose MLflow server did not become healthy"
   passed "compose MLflow server healthy on 127.0.0.1:$port"
   compose "$project" "$port" run --rm -T -e DEMO_STEPS=12 -e DEMO_NEW_TOKENS=16 \
-    -e DEMO_SOURCE="$stdlib/json $stdlib/email" train || fail "the demo in the train service failed"
+    -e DEMO_SOURCE="$stdlib/json $stdlib/email" -e DEMO_VAL_FRACTION=0.2 train || fail "the demo in the train service failed"
   passed "train service: prepared a corpus, trained 12 steps, exported, generated (plain = speculative)"
   compose "$project" "$port" run --rm -T --entrypoint python3 train /opt/mtp/docker/check_mlflow.py \
     --run-dir runs/demo --experiment mtp-tiny --heads 4 || fail "the MLflow server does not hold the run"
