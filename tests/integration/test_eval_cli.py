@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -94,35 +95,50 @@ def test_humaneval_on_three_problems_writes_every_output(trained, tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "eval.humaneval.pass_at_1")] == [4]
 
 
-def slow_problems(path: Path) -> Path:
-    """Three problems whose tests take seconds each, so a kill lands mid-evaluation."""
-    rows = [{"task_id": f"Slow/{i}", "prompt": f"def f{i}(x):\n", "entry_point": f"f{i}",
-             "test": "import time\ndef check(f):\n    time.sleep(3)\n    assert f(1) == 1\n"} for i in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def stalling_bwrap(bin_dir: Path, runs: int) -> Path:
+    """A `bwrap` first on PATH that starts the real one `runs` times, then holds every later program back.
+
+    The sandbox resolves bwrap on PATH once; the evaluator's own start-up check is its first run. A held
+    program waits, without starting, until the evaluator that spawned it is gone, so the kill below lands
+    after exactly `runs - 1` scored samples however fast or slow the machine is, and leaves nothing behind.
+    """
+    real, slots = shutil.which("bwrap"), bin_dir / "slots"
+    slots.mkdir(parents=True)
+    wrapper = bin_dir / "bwrap"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"n=1; while ! mkdir '{slots}'/$n 2>/dev/null; do n=$((n+1)); done\n"
+        f'if [ "$n" -gt {runs} ]; then while kill -0 "$PPID" 2>/dev/null; do sleep 0.1; done; exit 1; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return bin_dir
 
 
 def test_a_killed_evaluation_resumes_without_redoing_finished_samples(trained, tmp_path):
-    problems, out_dir = slow_problems(tmp_path / "slow.jsonl"), tmp_path / "resume"
-    args = ["eval", "--model", str(trained), "--suite", "humaneval", "--problems", str(problems), "--samples", "2",
+    out_dir = tmp_path / "resume"
+    args = ["eval", "--model", str(trained), "--suite", "humaneval", "--limit", "3", "--samples", "2",
             "--batch-size", "1", "--workers", "1", "--out", str(out_dir), "--no-tracking", *QUICK]
     results = out_dir / "humaneval.jsonl"
-    first = subprocess.Popen([*MTP, *args], cwd=REPO, env=mtp_env(), stdout=subprocess.DEVNULL,
+    stall = stalling_bwrap(tmp_path / "bin", runs=3)  # the start-up check, then two samples
+    env = mtp_env(PATH=f"{stall}{os.pathsep}{os.environ['PATH']}")
+    first = subprocess.Popen([*MTP, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not (results.is_file() and len(results.read_text().splitlines()) >= 2) and first.poll() is None:
-        assert time.monotonic() < deadline, "no sample finished within 10 minutes"
+    while not (results.is_file() and len(results.read_text().splitlines()) >= 2):
+        assert first.poll() is None, f"the evaluation exited {first.returncode} before two samples were scored"
+        assert time.monotonic() < deadline, "two samples were not scored within 10 minutes"
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     before = results.read_text().splitlines()
-    assert 2 <= len(before) < 6, "the evaluation finished before it could be killed"
+    assert len(before) == 2, "the held sandbox let a third sample through"
     again = run_mtp(*args)
     after = results.read_text().splitlines()
-    assert after[: len(before)] == before and len(after) == 6  # finished samples kept, none scored twice
-    assert f"resuming, {len(before)} of 6 samples already scored" in again.stderr
+    assert after[:2] == before and len(after) == 6  # finished samples kept, none scored twice
+    assert "resuming, 2 of 6 samples already scored" in again.stderr
     summary = json.loads((out_dir / "summary.json").read_text())["humaneval"]
-    assert summary["this_invocation"]["samples"] == 6 - len(before) and summary["samples_scored"] == 6
+    assert summary["this_invocation"]["samples"] == 4 and summary["samples_scored"] == 6
 
 
 @pytest.mark.parametrize(

@@ -162,9 +162,12 @@ def worker_pid(job: int, local_rank: int) -> int | None:
 
 
 def test_torchrun_restarts_a_killed_worker_and_resumes_exactly(cluster, reference, small_corpus, tmp_path):
+    """Rank 1 is held at a gate before step 7 (a gate strikes the first attempt only, so nothing holds the
+    restarted group) and killed there: the kill lands after the step-5 checkpoint however loaded the box is."""
     run_dir = tmp_path / "worker-killed"
-    job = job_id(submit(cluster, run_dir, small_corpus))
-    wait_until(cluster, run_dir, job, "its checkpoint at step 5", lambda: steps_logged(run_dir) >= 6)
+    job = job_id(submit(cluster, run_dir, small_corpus, MTP_FAULT="gate@7:1", MTP_FAULT_GATE=str(tmp_path / "gate")))
+    held = "rank 1 before step 7 waits for"
+    wait_until(cluster, run_dir, job, "rank 1 waits before step 7", lambda: held in job_log(run_dir, job))
     victim = worker_pid(job, local_rank=1)
     assert victim, f"no training process with LOCAL_RANK=1 in job {job}\n{shown(run_dir, job)}"
     os.kill(victim, signal.SIGKILL)
