@@ -3,6 +3,7 @@ verification, asynchronous saves (the next save, a stop signal and the end wait 
 and a really full disk.
 """
 
+import re
 import shutil
 import signal
 import subprocess
@@ -131,9 +132,10 @@ def test_sigusr1_while_a_save_is_in_flight_waits_for_it_then_checkpoints(small_c
                             stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
-        for line in proc.stdout:  # the step-2 write is held in flight from here until the trainer waits for it
+        for line in proc.stdout:  # the step-2 write is held in flight from its announcement until the trainer waits
             lines.append(line)
-            if "holds the checkpoint write of step 2" in line:
+            held = any("holds the checkpoint write of step 2" in seen for seen in lines)
+            if held and any(re.match(r"step ([3-9]|\d\d+)/", seen) for seen in lines):  # trained on, write held
                 proc.send_signal(signal.SIGUSR1)
                 break
         out, err = proc.communicate(timeout=300)

@@ -132,15 +132,19 @@ def test_submitted_training_completes_with_metrics_checkpoint_and_mlflow(referen
 
 def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(cluster, reference, small_corpus,
                                                                          tmp_path):
-    run_dir = tmp_path / "preempted"
-    job = job_id(submit(cluster, run_dir, small_corpus))
-    wait_until(cluster, run_dir, job, "its first step", lambda: steps_logged(run_dir) >= 1)
+    """Every rank is held at a gate before step 3, so USR1 lands mid-run however loaded the box is (the stop
+    opens the gate); the file is made once the stop is handled, for the requeued attempt meets the gate again."""
+    run_dir, gate = tmp_path / "preempted", tmp_path / "gate"
+    job = job_id(submit(cluster, run_dir, small_corpus, MTP_FAULT="gate@3", MTP_FAULT_GATE=str(gate)))
+    wait_until(cluster, run_dir, job, "its workers wait before step 3", lambda: "waits for" in job_log(run_dir, job))
     cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    wait_until(cluster, run_dir, job, "the stop is handled", lambda: "stop signal received" in job_log(run_dir, job))
+    gate.touch()
     info = finish(cluster, run_dir, job)
     log = job_log(run_dir, job)
     assert info["Restarts"] == "1", shown(run_dir, job)
     stopped = re.search(r"stop signal received: checkpointed step (\d+)", log)
-    assert stopped and int(stopped.group(1)) < 20, shown(run_dir, job)
+    assert stopped and int(stopped.group(1)) == 3, shown(run_dir, job)  # the step the gate held
     assert f"requeued job {job}" in log and f"resumed from {run_dir}/checkpoints/step_" in log
     assert [row["step"] for row in metrics(run_dir)] == list(range(1, 21))
     assert flat_head_losses(run_dir) == pytest.approx(flat_head_losses(reference[0]), rel=1e-6)
