@@ -106,7 +106,8 @@ def wait_until(what: str, ready, nodes: list[Node]) -> None:
         time.sleep(0.2)
 
 
-def gated_env(gate: Path | None, fault: str | None) -> dict[str, str]:
+def drill_env(gate: Path | None = None, fault: str | None = None) -> dict[str, str]:
+    """A drill run's environment: its fault (MTP_FAULT) and the gate files it waits for, if any."""
     from pretrain.bench.faults import _env as base_env
 
     env = base_env(fault)
@@ -119,8 +120,8 @@ def node_lost(runner, run_dir: Path):
     """Both nodes, node B killed before step 7; returns the bench's attempts (one timeline per node)."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    a = Node(agent(runner, run_dir, port, True), gated_env(gate, "gate@7"), "A")
-    b = Node(agent(runner, run_dir, port, False), gated_env(gate, "gate@7"), "B")
+    a = Node(agent(runner, run_dir, port, True), drill_env(gate, "gate@7"), "A")
+    b = Node(agent(runner, run_dir, port, False), drill_env(gate, "gate@7"), "B")
     wait_until("two workers at the gate", lambda: sum(n.has("waits for") for n in (a, b)) == 2, [a, b])
     b.kill()
     a.lines.append((time.monotonic(), "MTP_FAULT: node B (agent and worker) SIGKILLed before step 7"))
@@ -133,10 +134,10 @@ def node_joined(runner, run_dir: Path):
     """Node A alone, node B joining before step 7."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    a = Node(agent(runner, run_dir, port, True), gated_env(gate, "gate@7"), "A")
+    a = Node(agent(runner, run_dir, port, True), drill_env(gate, "gate@7"), "A")
     wait_until("node A at the gate", lambda: a.has("waits for"), [a])
     a.lines.append((time.monotonic(), "MTP_FAULT: node B starts and joins before step 7"))
-    b = Node(agent(runner, run_dir, port, False), gated_env(None, None), "B")
+    b = Node(agent(runner, run_dir, port, False), drill_env(), "B")
     code_b, code_a = b.wait(), a.wait()
     return as_attempts(max(code_a, code_b), a, b)
 
@@ -154,9 +155,9 @@ def second_trainer(runner, run_dir: Path):
     """A second identical launch on the run directory while the first waits before step 7."""
     gate = runner.root / f"{run_dir.name}-gate-{{}}"
     port = _port()
-    first = Node(agent(runner, run_dir, port, True), gated_env(gate, "gate@7"), "first")
+    first = Node(agent(runner, run_dir, port, True), drill_env(gate, "gate@7"), "first")
     wait_until("the first trainer at the gate", lambda: first.has("waits for"), [first])
-    second = Node(agent(runner, run_dir, _port(), True), gated_env(None, None), "second")
+    second = Node(agent(runner, run_dir, _port(), True), drill_env(), "second")
     code = second.wait()
     refusal = next((line for _, line in second.lines if "is in use by another trainer" in line), "")
     first.lines.append((time.monotonic(), f"MTP_FAULT: a second trainer exited {code}: {refusal}"))

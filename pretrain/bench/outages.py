@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pretrain.bench.elastic import Node, as_attempts, gated_env, wait_until
+from pretrain.bench.elastic import Node, as_attempts, drill_env, wait_until
 from pretrain.errors import UserError
 
 
@@ -44,7 +44,7 @@ def tracking_down(runner, run_dir: Path):
     with serve(store, port) as server:
         node = Node(runner.command(run_dir, ("tracking.enabled=true", f"tracking.uri={server.uri}",
                                              "tracking.close_timeout_s=300")),
-                    gated_env(gate, "gate@5,gate@10"), "trainer")
+                    drill_env(gate, "gate@5,gate@10"), "trainer")
         _at_gate(node, gate, "5")
     node.lines.append((time.monotonic(), "MTP_FAULT: the MLflow server stopped before step 5"))
     _open(gate, "5")
@@ -81,13 +81,13 @@ def disk_full(runner, run_dir: Path):
     try:
         with small_tmpfs(runner.root, 64 << 20) as disk:
             node = Node(runner.command(run_dir, (f"checkpoint.dir={disk / 'checkpoints'}",)),
-                        gated_env(gate, "gate@8"), "trainer")
+                        drill_env(gate, "gate@8"), "trainer")
             _at_gate(node, gate, "8")
             ballast = fill(disk)
             node.lines.append((time.monotonic(), "MTP_FAULT: the checkpoint file system filled before step 8"))
             _open(gate, "8")
             wait_until("the trainer's no-space line",
-                        lambda: any("no space left" in line.lower() for _, line in list(node.lines)), [node])
+                       lambda: any("no space left" in line.lower() for _, line in list(node.lines)), [node])
             ballast.unlink()
             node.lines.append((time.monotonic(), "MTP_FAULT: space freed; torchrun restarts the group"))
             code = node.wait()

@@ -1,4 +1,4 @@
-"""Shared fixtures for tests that run the real `mtp` command in subprocesses.
+"""Helpers for tests that run the real `mtp` command in subprocesses (the shared fixtures: tests/conftest.py).
 
 Training tests run `mtp train` as a child process: DeepSpeed and megatron
 keep global process-group state that must not leak between tests.
@@ -7,10 +7,7 @@ keep global process-group state that must not leak between tests.
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
-
-import pytest
 
 MTP = [sys.executable, "-m", "pretrain.cli"]
 REPO = Path(__file__).resolve().parents[2]
@@ -32,12 +29,3 @@ def run_mtp(*args: str, timeout: float = 600, env: dict | None = None, check: bo
         raise AssertionError(f"mtp {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory) -> Path:
-    """Byte-level shards of two stdlib packages: real code, small enough for seconds of training."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    out = tmp_path_factory.mktemp("data") / "stdlib-small"
-    run_mtp("prepare", "--source", str(stdlib / "json"), str(stdlib / "email"), "--tokenizer", "byte",
-            "--out", str(out), "--val-fraction", "0.2", "--shard-tokens", "100000", "--workers", "1")
-    return out

@@ -131,11 +131,13 @@ def test_sigusr1_while_a_save_is_in_flight_waits_for_it_then_checkpoints(small_c
     proc = subprocess.Popen(cmd, cwd=REPO, env=mtp_env(MTP_FAULT="slow-save@2"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
+    held = trained_on = False
     try:
         for line in proc.stdout:  # the step-2 write is held in flight from its announcement until the trainer waits
             lines.append(line)
-            held = any("holds the checkpoint write of step 2" in seen for seen in lines)
-            if held and any(re.match(r"step ([3-9]|\d\d+)/", seen) for seen in lines):  # trained on, write held
+            held = held or "holds the checkpoint write of step 2" in line
+            trained_on = trained_on or re.match(r"step ([3-9]|\d\d+)/", line) is not None
+            if held and trained_on:  # step 3 trained while the write is held: stop now
                 proc.send_signal(signal.SIGUSR1)
                 break
         out, err = proc.communicate(timeout=300)

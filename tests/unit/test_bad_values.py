@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 
 from pretrain.cli import build_parser, main
 from pretrain.config import SECTIONS
-from tests.integration.conftest import small_corpus  # noqa: F401  (a fixture, found by pytest by name)
 
 REPO = Path(__file__).resolve().parents[2]
 BYTE_VOCAB = 258
@@ -32,7 +31,7 @@ PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch, capsys, small_corpus):  # noqa: F811 (the imported fixture)
+def workspace(tmp_path, monkeypatch, capsys, small_corpus):
     """A copy of real prepared data (byte tokenizer: 258 ids; tests damage it) and a trainer never reached."""
     data = tmp_path / "data"
     if not data.exists():

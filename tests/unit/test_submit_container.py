@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from pretrain.cli import main
-from tests.integration.conftest import small_corpus  # noqa: F401  (a fixture, found by pytest by name)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "train.sbatch"
@@ -26,7 +25,7 @@ USR1_SHELL = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun-node"]
 
 
 @pytest.fixture
-def data_dir(small_corpus) -> Path:  # noqa: F811 (the imported fixture)
+def data_dir(small_corpus) -> Path:
     """Real prepared data: `mtp submit` checks its manifest and tokenizer before it writes anything."""
     return small_corpus
 
