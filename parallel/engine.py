@@ -72,10 +72,24 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, pipelined: bool) -> dict:
         "data_types": {"grad_accum_dtype": "fp32"},
         "communication_data_type": "fp32",
         "zero_optimization": _zero_config(cfg.parallel.zero_stage, pipelined),
-        "pipeline": {"use_reentrant": False},  # recompute with torch-style checkpointing (int inputs allowed)
+        "pipeline": _pipeline_config(cfg.parallel.sequence_parallel),
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+def _pipeline_config(sequence_parallel: bool) -> dict:
+    """DeepSpeed's pipeline settings.
+
+    Recompute with torch-style checkpointing (int inputs allowed). DeepSpeed
+    cuts a stage's output into tensor-rank slices, sends one slice from each
+    rank and all-gathers them behind the boundary, which assumes every
+    tensor rank holds the same activations; under sequence parallelism each
+    already holds its own positions, so each sends its slice whole (the
+    same bytes) and nothing is re-gathered.
+    """
+    partitioned = not sequence_parallel
+    return {"use_reentrant": False, "pipe_partitioned": partitioned, "grad_partitioned": partitioned}
 
 
 def _zero_config(stage: int, pipelined: bool) -> dict:
@@ -105,7 +119,7 @@ def build_model(cfg: RunConfig, runtime: Runtime, pretrained: Mapping[str, torch
         from pretrain.model.mtp import MTPModel
 
         model = MTPModel(cfg.model, params_dtype=runtime.dtype, device=runtime.device, seed=cfg.train.seed,
-                         pretrained=pretrained)
+                         pretrained=pretrained, sequence_parallel=p.sequence_parallel)
         if p.recompute:
             recompute_trunk(model)
         return model
@@ -113,7 +127,7 @@ def build_model(cfg: RunConfig, runtime: Runtime, pretrained: Mapping[str, torch
 
     return MTPPipeline(cfg.model, deepspeed_topology(p.tp, p.pp, runtime.place.dp_size), runtime.dtype,
                        runtime.device, cfg.train.seed, recompute=p.recompute, layers_per_stage=p.layers_per_stage,
-                       pretrained=pretrained)
+                       pretrained=pretrained, sequence_parallel=p.sequence_parallel)
 
 
 def recompute_trunk(model: torch.nn.Module) -> None:

@@ -6,6 +6,9 @@ Pipeline layers, in order (`parallel.topology.stage_parts` splits them):
     1 .. L     TrunkLayerStage    (hidden, labels) -> (hidden [s, b, d], labels)            one TransformerLayer each
     L + 1      HeadsStage         (z [s, b, d], labels [b, n, s]) -> loss []                always on the last stage
 
+Under sequence parallelism the hidden states are [s / tp, b, d], this tensor
+rank's positions, so a stage boundary sends 1 / tp of the activations.
+
 The last stage computes the loss in its forward: MTPModel's own
 `head_loss` (the per-head forward/backward schedule with the fused,
 vocab-parallel cross-entropy), so the labels travel with the activations
@@ -67,8 +70,8 @@ class TrunkLayerStage(torch.nn.Module):
         self.angle_dtype = torch.float64 if params_dtype == torch.float64 else torch.float32
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, labels = inputs
-        rotary = rotary_angles(hidden.shape[0], self.head_dim, self.theta, hidden.device, dtype=self.angle_dtype)
+        hidden, labels = inputs  # [s, b, d] ([s / tp, b, d] sequence-parallel), [b, n, s]
+        rotary = rotary_angles(labels.shape[-1], self.head_dim, self.theta, hidden.device, dtype=self.angle_dtype)
         out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
         return out, labels  # [s, b, d]
 
@@ -91,6 +94,7 @@ class HeadsStage(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.params_dtype = params_dtype
+        self.sequence_parallel = tcfg.sequence_parallel
         self.heads = build_heads(cfg, tcfg)
         self.unembedding = Unembedding(tcfg, padded_vocab, cfg.vocab_size)
         self.step = 0
@@ -134,13 +138,14 @@ class MTPPipeline(PipelineModule):
 
     def __init__(self, cfg: ModelConfig, topology, params_dtype: torch.dtype, device: torch.device,
                  seed: int, recompute: bool = False, layers_per_stage: list[int] | None = None,
-                 pretrained: Mapping[str, torch.Tensor] | None = None):
+                 pretrained: Mapping[str, torch.Tensor] | None = None, sequence_parallel: bool = False):
         pp = topology.get_dim("pipe")
         parts = stage_parts(cfg, pp, layers_per_stage)
         stage = topology.get_coord(dist.get_rank()).pipe
         object.__setattr__(self, "_fixed_parts", parts)  # read by _partition_layers inside super().__init__
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        tcfg = transformer_config(cfg, tp, params_dtype, on_gpu=device.type == "cuda")
+        tcfg = transformer_config(cfg, tp, params_dtype, on_gpu=device.type == "cuda",
+                                  sequence_parallel=sequence_parallel)
         layers = _stage_layers(cfg, parts, stage, tcfg, params_dtype, device)
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints the partition on stdout
             super().__init__(

@@ -1,4 +1,4 @@
-"""Memory and throughput model of every (tp, pp, dp, micro-batch, recompute, ZeRO) layout of a run.
+"""Memory and throughput model of every (tp, pp, dp, micro-batch, recompute, ZeRO, SP) layout of a run.
 
 Torch-free arithmetic, so `mtp plan` answers in well under a second. The
 formulas are written out in docs/planner.md; in short, per GPU and per
@@ -11,10 +11,11 @@ pipeline stage (the worst stage decides):
                 in_flight * L_stage * s b d w             with recompute (layer inputs kept), and one
                                                           layer's A_layer rebuilt during backward
                 A_layer = s b (2 (8 + w) d + w (3 d + 3 d_kv + 5 f) / tp)    (flash attention: no s^2)
+                sequence parallelism (SP) splits the norms' part and the kept layer inputs over tp too
     loss        last stage: one head layer's activations, the stored gradients of the heads,
                 final norm and unembedding, the fp32 weight-gradient accumulator and one chunk of
                 logits (chunk x V/tp); unchunked, the chunk is every token of the micro-batch
-    p2p         2 s b d w per micro-batch in flight on a pipeline stage
+    p2p         2 s b d w per micro-batch in flight on a pipeline stage (/ tp with SP)
     total       the larger of two peaks: end of a forward, when the loss runs,
                     weights + optimizer + activations + p2p + loss (+ gradients if earlier
                     micro-batches of the step have made them: micro-batches > in_flight)
@@ -28,7 +29,9 @@ Step time, per GPU:
     compute     FLOPs / (GPUs x peak x MFU), the FLOPs being `flops_per_token` x tokens (plus one
                 more forward of every recomputed trunk layer); MFU is the computation's own efficiency
     tensor      4 all-reduces of [s b, d] per layer per micro-batch (2 forward, 2 backward; 2 more
-                forward when recomputed), the embedding's and each head's loss gradient, on NVLink
+                forward when recomputed), the embedding's and each head's loss gradient, on NVLink;
+                SP turns each all-reduce into a reduce-scatter + all-gather (the same bytes) and adds
+                an all-gather of each head's normalised state for the vocabulary-parallel loss
     pipeline    a forward activation and a backward gradient [s b, d] per micro-batch and stage
     per micro-batch, the slowest stage's (compute + tensor + pipeline) x (m + pp - 1) micro-batch slots
     data        the gradient reduction once per step (ZeRO-0/1: all-reduce of the fp32 gradients, then
@@ -42,6 +45,7 @@ reduce-scatter or all-gather half of that; bandwidths are NCCL bus bandwidths
 per GPU.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 from parallel.topology import stage_parts
@@ -74,6 +78,7 @@ class Layout:
     recompute: bool
     zero_stage: int
     dtype: str = "bfloat16"
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -192,7 +197,8 @@ def _width(lay: Layout) -> int:
     return 2 if lay.dtype == "bfloat16" else 4
 
 
-def layer_activation_bytes(m: ModelConfig, tokens: int, tp: int, width: int) -> float:
+def layer_activation_bytes(m: ModelConfig, tokens: int, tp: int, width: int, sequence_parallel: bool = False
+                           ) -> float:
     """Tensors one decoder layer saves for backward, for `tokens` tokens (flash attention, no dropout).
 
     Counted from autograd's saved tensors of our megatron layer (tests/unit/test_planner.py):
@@ -200,9 +206,11 @@ def layer_activation_bytes(m: ModelConfig, tokens: int, tp: int, width: int) -> 
     layer's dtype ((8 + w) d, whole on every tensor rank); attention keeps the QKV projection's
     output (V is a view of it, d + 2 d_kv), the rotated Q and K (d + d_kv) and its output (d);
     the SwiGLU MLP keeps the gate|up projection (2f) and three f-wide intermediates (3f).
+    Under sequence parallelism the norms see s / tp positions, and megatron's linear layers keep
+    that un-gathered input, so the norms' part is split over tp too.
     """
     kv = m.kv_heads * (m.d_model // m.n_heads)
-    norms = 2 * (8 + width) * m.d_model
+    norms = 2 * (8 + width) * m.d_model / (tp if sequence_parallel else 1)
     return tokens * (norms + width * (3 * m.d_model + 3 * kv + 5 * m.ffn_size) / tp)
 
 
@@ -238,38 +246,44 @@ def _gathered_bytes(m: ModelConfig, lay: Layout, width: int) -> float:
     return head_block_params(m, lay.tp) * width if lay.zero_stage == 3 else 0.0
 
 
-def _loss_bytes(m: ModelConfig, tokens: int, tp: int, width: int, chunk: int) -> float:
-    """Last stage: the per-head schedule's buffers for one micro-batch (see pretrain/loss/schedule.py)."""
+def _loss_bytes(m: ModelConfig, lay: Layout, tokens: int, width: int, chunk: int) -> float:
+    """Last stage: the per-head schedule's buffers for one micro-batch (see pretrain/loss/schedule.py).
+
+    The fp32 gradient of the normalised state is whole (every position); z, its gradient and the
+    normalised state are this rank's positions, / tp under SP, which adds the gathered normalised state.
+    """
+    tp, sp = lay.tp, lay.sequence_parallel
     vocab_local = m.padded_vocab(tp) / tp
     heads_split, heads_norms = _head_block_params(m, m.padded_vocab(tp))
     stored_grads = (heads_split / tp + heads_norms) * width + vocab_local * m.d_model * 4
     logits = chunk * vocab_local * (4 + (width if width != 4 else 0))  # fp32 logits (+ low-precision copy)
-    hidden = tokens * m.d_model * (4 + 3 * width)  # fp32 grad of the normed state, z, its grad, the normed state
-    return stored_grads + logits + hidden + layer_activation_bytes(m, tokens, tp, width)
+    hidden = tokens * m.d_model * (4 + (width + 3 * width / tp if sp else 3 * width))
+    return stored_grads + logits + hidden + layer_activation_bytes(m, tokens, tp, width, sp)
 
 
 def memory(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int, parts: list[int]) -> list[Memory]:
     """Per-stage memory of one GPU; `parts` are the stage boundaries (topology.stage_parts)."""
     width = _width(lay)
     tokens = seq_len * lay.micro_batch
-    act_layer = layer_activation_bytes(m, tokens, lay.tp, width)
+    act_layer = layer_activation_bytes(m, tokens, lay.tp, width, lay.sequence_parallel)
+    positions = tokens / (lay.tp if lay.sequence_parallel else 1)  # of a layer input on this rank
     out = []
     for stage, params in enumerate(stage_params(m, lay.tp, parts)):
         weights, grads, buffers, optimizer = _state_bytes(params, lay)
         weights += _gathered_bytes(m, lay, width)
         trunk = sum(1 for i in range(parts[stage], parts[stage + 1]) if 1 <= i <= m.trunk_layers)
         in_flight = min(lay.pp - stage, micro_batches)
-        kept = tokens * m.d_model * width if lay.recompute else act_layer
+        kept = positions * m.d_model * width if lay.recompute else act_layer
         mem = Memory(weights, grads, buffers, optimizer, activations=in_flight * trunk * kept,
                      grads_in_forward=micro_batches > in_flight)
         if lay.recompute and trunk:
             mem.recompute = act_layer
         if lay.pp > 1:
-            mem.p2p = in_flight * 2 * tokens * m.d_model * width
+            mem.p2p = in_flight * 2 * positions * m.d_model * width
         if stage == lay.pp - 1:
             chunk = min(m.loss_chunk_tokens, tokens)
-            mem.loss = _loss_bytes(m, tokens, lay.tp, width, chunk)
-            mem.loss_unchunked = _loss_bytes(m, tokens, lay.tp, width, tokens)
+            mem.loss = _loss_bytes(m, lay, tokens, width, chunk)
+            mem.loss_unchunked = _loss_bytes(m, lay, tokens, width, tokens)
         out.append(mem)
     return out
 
@@ -330,8 +344,10 @@ def communication(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int,
             if stage == lay.pp - 1:
                 heads = m.n_future if m.head_type != "linear" else 0
                 layers += 4 * heads + m.n_future * 4 / width  # each head's fp32 gradient of its hidden state
+                if lay.sequence_parallel:
+                    layers += m.n_future / 2  # each head's normalised state gathered for the loss
             if stage == 0:
-                layers += 1  # the vocabulary-parallel embedding
+                layers += 0.5 if lay.sequence_parallel else 1  # the embedding: reduce-scatter, or all-reduce
             per_stage.append(layers)
         tensor = max(per_stage) * micro_batches * _ring(activation, lay.tp, hw.intra_node_gbs, True)
     if lay.pp > 1:
@@ -339,7 +355,8 @@ def communication(m: ModelConfig, lay: Layout, seq_len: int, micro_batches: int,
         # between them, and the synchronous schedule runs at that boundary's pace
         crosses = lay.tp * lay.dp * lay.pp > hw.gpus_per_node
         bandwidth = hw.inter_node_gbs if crosses else hw.intra_node_gbs
-        pipeline = micro_batches * 2 * activation / (bandwidth * 1e9)
+        sent = activation / (lay.tp if lay.sequence_parallel else 1)
+        pipeline = micro_batches * 2 * sent / (bandwidth * 1e9)
     per_micro, once = _data_seconds(m, lay, hw, parts)
     return Comm(tensor, pipeline, micro_batches * per_micro + once)
 
@@ -388,6 +405,10 @@ def layout_problem(m: ModelConfig, lay: Layout, global_batch: int, hw: Hardware)
             return f"tp={lay.tp} does not divide the {value} {name}"
     if lay.tp > hw.gpus_per_node:
         return f"tp={lay.tp} spans nodes ({hw.gpus_per_node} GPUs per node)"
+    if lay.sequence_parallel and lay.tp == 1:
+        return "sequence parallelism needs tp > 1"
+    if lay.sequence_parallel and m.head_type != "transformer":
+        return f"sequence parallelism needs transformer heads, not {m.head_type}"
     if lay.pp > m.trunk_layers:
         return f"pp={lay.pp} exceeds the {m.trunk_layers} trunk layers"
     if lay.pp > 1 and m.head_type == "sequential":
@@ -422,15 +443,16 @@ def search(m: ModelConfig, seq_len: int, global_batch: int, dtype: str, hw: Hard
     for tp in _divisors(hw.gpus):
         for pp in _divisors(hw.gpus // tp):
             for mb in MICRO_BATCHES:
-                for recompute in (False, True):
-                    for zero in ZERO_STAGES:
-                        lay = Layout(tp, pp, hw.gpus // (tp * pp), mb, recompute, zero, dtype)
-                        problem = layout_problem(m, lay, global_batch, hw)
-                        if problem:
-                            reason = problem.split(" (")[0] if "spans" in problem else problem
-                            ruled_out[reason] = ruled_out.get(reason, 0) + 1
-                            continue
-                        found.append(estimate(m, lay, seq_len, global_batch, hw, flops_per_token))
+                for recompute, zero, sp in itertools.product((False, True), ZERO_STAGES, (False, True)):
+                    if sp and tp == 1:
+                        continue  # nothing to split the sequence over
+                    lay = Layout(tp, pp, hw.gpus // (tp * pp), mb, recompute, zero, dtype, sp)
+                    problem = layout_problem(m, lay, global_batch, hw)
+                    if problem:
+                        reason = problem.split(" (")[0] if "spans" in problem else problem
+                        ruled_out[reason] = ruled_out.get(reason, 0) + 1
+                        continue
+                    found.append(estimate(m, lay, seq_len, global_batch, hw, flops_per_token))
     found.sort(key=_rank)
     return found, ruled_out
 
@@ -438,4 +460,5 @@ def search(m: ModelConfig, seq_len: int, global_batch: int, dtype: str, hw: Hard
 def _rank(est: Estimate) -> tuple:
     """Fitting first; then faster; on equal time fewer model-parallel ranks, lower ZeRO, less memory."""
     lay = est.layout
-    return (not est.fits, round(est.step_s, 6), lay.tp * lay.pp, lay.zero_stage, lay.recompute, est.peak_bytes)
+    return (not est.fits, round(est.step_s, 6), lay.tp * lay.pp, lay.zero_stage, lay.recompute,
+            lay.sequence_parallel, est.peak_bytes)

@@ -166,7 +166,8 @@ def local_decision() -> Decision:
     return decide(os.environ, torch.cuda.device_count())
 
 
-def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0, kernels: str = "auto") -> Runtime:
+def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0, kernels: str = "auto",
+          sequence_parallel: bool = False) -> Runtime:
     """Apply the decision and join the process group: the first thing a training process does.
 
     torchrun sets RANK/WORLD_SIZE/MASTER_*; without it the process is a
@@ -183,6 +184,8 @@ def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0
     chosen = resolve_kernels(kernels, device.type)  # before any group: a forced kernel that is missing fails fast
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif sequence_parallel:
+        _megatron_buffers_on_the_cpu()
     _single_process_defaults()
     timeout = timedelta(seconds=collective_timeout_s)
     if not dist.is_initialized():
@@ -195,6 +198,22 @@ def start(tp: int, pp: int, dtype: str, collective_timeout_s: int, seed: int = 0
     control = dist.new_group(backend="gloo") if decision.backend != "gloo" else dist.group.WORLD
     place = place_of(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), tp, pp)
     return Runtime(device, decision.backend, torch_dtype(dtype), place, control, chosen)
+
+
+def _megatron_buffers_on_the_cpu() -> None:
+    """Let megatron-core's sequence-parallel code run in a CPU process, as it runs on GPUs.
+
+    megatron allocates the buffers of its sequence-parallel all-gathers and
+    reduce-scatters with `device=torch.cuda.current_device()`
+    (tensor_parallel.mappings and layers, its GlobalMemoryBuffer), a call
+    that raises in a CPU-only torch. A CPU process training with sequence
+    parallelism answers it with the CPU, so the CPU suite runs megatron's
+    own sequence-parallel layers under gloo, the code a GPU runs under NCCL.
+    Nothing else in a CPU process calls it; GPU processes are untouched.
+    """
+    import torch
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
 
 
 def export_deepspeed_accelerator() -> None:

@@ -93,6 +93,9 @@ class ParallelConfig:
     dp: int | None = None  # data-parallel ranks; None = world size / (tp * pp)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3; only 0-1 combine with pp > 1
     recompute: bool = False  # activation recomputation of transformer layers
+    # megatron's sequence parallelism: norms, residuals and saved activations split along the sequence
+    # over the tensor-parallel ranks (activation memory / tp at the same communication); needs tp > 1
+    sequence_parallel: bool = False
     dtype: str = "float32"  # "bfloat16": bf16 weights, fp32 masters and gradients (needs zero_stage >= 1); CPU too
     layers_per_stage: list[int] | None = None  # trunk layers per pipeline stage; None balances, a head counting as a layer
 
@@ -517,6 +520,7 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
         (m.n_heads % p.tp == 0, f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}"),
         (m.kv_heads % p.tp == 0, f"parallel.tp={p.tp} must divide model.n_kv_heads={m.kv_heads}"),
         (m.ffn_size % p.tp == 0, f"parallel.tp={p.tp} must divide the feed-forward size {m.ffn_size}"),
+        *_sequence_parallel_checks(cfg),
         (p.dtype in DTYPES, f"parallel.dtype must be one of {', '.join(DTYPES)}, got '{p.dtype}'"),
         # DeepSpeed 0.19.8 keeps fp32 master weights and accumulates gradients in fp32 only inside its
         # ZeRO and bf16 optimizers; at stage 0 a bf16 model would sum and reduce bf16 gradients.
@@ -528,6 +532,22 @@ def _checks(cfg: RunConfig, layout: Layout) -> list[tuple[bool, str]]:
         (bool(cfg.tracking.experiment), "tracking.experiment must not be empty"),
         (bool(cfg.run.dir), "run.dir must not be empty"),
         *_eval_checks(cfg),
+    ]
+
+
+def _sequence_parallel_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if not p.sequence_parallel:
+        return []
+    return [
+        (p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: it splits each sequence over the "
+                   "tensor-parallel ranks; set parallel.tp or drop parallel.sequence_parallel"),
+        (t.seq_len % p.tp == 0, f"parallel.sequence_parallel=true needs train.seq_len={t.seq_len} to be a multiple "
+                                f"of parallel.tp={p.tp}"),
+        # linear and sequential heads mix tensor-parallel outputs token by token (ParallelProjection),
+        # which assumes every rank holds the whole sequence
+        (m.head_type == "transformer", f"parallel.sequence_parallel=true needs model.head_type=transformer, got "
+                                       f"'{m.head_type}'; drop parallel.sequence_parallel for {m.head_type} heads"),
     ]
 
 

@@ -108,7 +108,7 @@ def plan(cfg, args) -> dict:
         result["breakdown"] = _breakdown(fitting[0])
     dp = args.gpus // (p.tp * p.pp) if args.gpus % (p.tp * p.pp) == 0 else 0
     if dp:
-        own = Layout(p.tp, p.pp, dp, t.micro_batch_size, p.recompute, p.zero_stage, p.dtype)
+        own = Layout(p.tp, p.pp, dp, t.micro_batch_size, p.recompute, p.zero_stage, p.dtype, p.sequence_parallel)
         try:
             result["config_layout"] = _row(estimate(m, own, t.seq_len, t.global_batch_size, hw, fpt), hw)
         except (UserError, ZeroDivisionError):
@@ -117,7 +117,7 @@ def plan(cfg, args) -> dict:
 
 
 def _best_per_shape(ranked: list) -> list:
-    """The first (best-ranked) variant (micro-batch, recompute, ZeRO) of each (tp, pp), in rank order."""
+    """The first (best-ranked) variant (micro-batch, recompute, ZeRO, SP) of each (tp, pp), in rank order."""
     seen, out = set(), []
     for est in ranked:
         shape = (est.layout.tp, est.layout.pp)
@@ -131,7 +131,7 @@ def _row(est, hw) -> dict:
     lay = est.layout
     return {
         "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "micro_batch": lay.micro_batch, "recompute": lay.recompute,
-        "zero_stage": lay.zero_stage, "memory_gb": est.peak_bytes / 1024**3, "worst_stage": est.peak_stage,
+        "zero_stage": lay.zero_stage, "sequence_parallel": lay.sequence_parallel, "memory_gb": est.peak_bytes / 1024**3, "worst_stage": est.peak_stage,
         "largest": est.stages[est.peak_stage].largest(), "fits": est.fits, "bubble": est.bubble,
         "micro_batches": est.micro_batches, "step_s": est.step_s, "tokens_per_s": est.tokens_per_s,
         "days_per_100b": est.days_per(TOKENS_100B), "mfu": est.model_mfu,
@@ -151,20 +151,22 @@ def _breakdown(est) -> dict:
 
 def _layout_text(row: dict) -> str:
     rc = "recompute" if row["recompute"] else "no recompute"
+    sp = " sequence-parallel" if row["sequence_parallel"] else ""
     return (f"tp={row['tp']} pp={row['pp']} dp={row['dp']} micro-batch={row['micro_batch']} {rc} "
-            f"ZeRO-{row['zero_stage']}")
+            f"ZeRO-{row['zero_stage']}{sp}")
 
 
 def _table(rows: list[dict]) -> list[str]:
-    head = f"{'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'recomp':>6} {'zero':>4} {'GB/GPU':>7} {'bubble':>7} " \
+    head = f"{'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'recomp':>6} {'zero':>4} {'sp':>3} {'GB/GPU':>7} {'bubble':>7} " \
            f"{'comm s':>15} {'step s':>7} {'tokens/s':>10} {'days/100B':>9} {'MFU':>5}"
-    lines = [head, f"{'(tensor/pipe/data)':>76}"]
+    lines = [head, f"{'(tensor/pipe/data)':>80}"]
     for r in rows:
         recompute = "yes" if r["recompute"] else "no"
+        sp = "yes" if r["sequence_parallel"] else "no"
         c = r["comm_s"]
         comm = f"{c['tensor']:.2f}/{c['pipeline']:.2f}/{c['data_exposed']:.2f}"
         lines.append(f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['micro_batch']:>3} {recompute:>6} "
-                     f"{r['zero_stage']:>4} {r['memory_gb']:>7.1f} {r['bubble']:>6.1%} {comm:>15} {r['step_s']:>7.2f} "
+                     f"{r['zero_stage']:>4} {sp:>3} {r['memory_gb']:>7.1f} {r['bubble']:>6.1%} {comm:>15} {r['step_s']:>7.2f} "
                      f"{r['tokens_per_s']:>10,.0f} {r['days_per_100b']:>9.2f} {r['mfu']:>5.2f}")
     return lines
 
@@ -239,7 +241,7 @@ def measure(cfg, steps: int, as_json: bool) -> int:
     check_parallel(cfg)
     _serve_big_blocks_by_mmap()
     p, t = cfg.parallel, cfg.train
-    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s)
+    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s, sequence_parallel=p.sequence_parallel)
     import parallel.steps  # noqa: F401  (imports happen before the baseline is taken)
 
     place = runtime.place
@@ -250,7 +252,8 @@ def measure(cfg, steps: int, as_json: bool) -> int:
     for step in range(steps):
         steps_engine.train_step(batches, step)
     measured = (_status_kb("VmHWM") - baseline) * 1024
-    lay = Layout(p.tp, p.pp, place.dp_size, t.micro_batch_size, p.recompute, p.zero_stage, p.dtype)
+    lay = Layout(p.tp, p.pp, place.dp_size, t.micro_batch_size, p.recompute, p.zero_stage, p.dtype,
+                 p.sequence_parallel)
     micro = t.global_batch_size // (place.dp_size * t.micro_batch_size)
     parts = stage_parts(cfg.model, p.pp)
     predicted = memory(cfg.model, lay, t.seq_len, micro, parts)[place.pp_rank]
@@ -299,7 +302,8 @@ def _reset_peak() -> None:
 
 def _measure_table(rows: list[dict], lay) -> str:
     lines = [f"layout tp={lay.tp} pp={lay.pp} dp={lay.dp} micro-batch={lay.micro_batch} "
-             f"recompute={'yes' if lay.recompute else 'no'} ZeRO-{lay.zero_stage}",
+             f"recompute={'yes' if lay.recompute else 'no'} ZeRO-{lay.zero_stage}"
+             f"{' sequence-parallel' if lay.sequence_parallel else ''}",
              f"{'rank':>4} {'stage':>5} {'predicted MB':>12} {'measured MB':>11} {'error':>7}"]
     for r in rows:
         error = (r["predicted_mb"] - r["measured_mb"]) / r["measured_mb"]

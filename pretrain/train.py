@@ -375,10 +375,12 @@ def run(args, cfg: RunConfig | None = None) -> int:
     run_lock = hold_run_dir(cfg.run.dir, cfg.fault.lock_timeout_s)  # rank 0; before anything in run.dir is touched
     try:
         runtime = start_runtime(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dtype,
-                                cfg.fault.collective_timeout_s, seed=cfg.train.seed, kernels=cfg.model.kernels)
+                                cfg.fault.collective_timeout_s, seed=cfg.train.seed, kernels=cfg.model.kernels,
+                                sequence_parallel=cfg.parallel.sequence_parallel)
         if runtime.is_main:
             print(f"runtime: {runtime.place.world_size} process(es) on {runtime.device_name()} ({runtime.backend}), "
-                  f"{runtime.dtype_name}, {runtime.kernels} kernels", flush=True)
+                  f"{runtime.dtype_name}, {runtime.kernels} kernels"
+                  f"{', sequence-parallel' if cfg.parallel.sequence_parallel else ''}", flush=True)
             announce_ready()  # every rank is up with its stop handlers: the batch script may deliver a held stop
         _fault_injector(runtime.place.rank).at("start")
         if StopFlag(runtime.control_group, run_lock).agreed():

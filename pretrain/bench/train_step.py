@@ -68,7 +68,8 @@ class Subject:
         self.label = label
         self.runtime = runtime
         run_cfg = dataclasses.replace(cfg, model=model_cfg)
-        model = MTPModel(model_cfg, params_dtype=runtime.dtype, device=runtime.device, seed=0)
+        model = MTPModel(model_cfg, params_dtype=runtime.dtype, device=runtime.device, seed=0,
+                         sequence_parallel=cfg.parallel.sequence_parallel)
         self.steps = EngineSteps(run_cfg, runtime, model, build_engine(model, run_cfg, runtime))
         self.params = param_counts(model)["total"]
         self.flops = flops_per_token(model_cfg, cfg.train.seq_len)
@@ -95,7 +96,8 @@ def measure(cfg, steps: int, warmup: int, keys: tuple[str, ...] = VARIANT_KEYS) 
     from parallel.runtime import start
 
     p = cfg.parallel
-    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s, kernels=cfg.model.kernels)
+    runtime = start(p.tp, p.pp, p.dtype, cfg.fault.collective_timeout_s, kernels=cfg.model.kernels,
+                    sequence_parallel=p.sequence_parallel)
     subjects = [Subject(label, m, cfg, runtime) for label, m in variants(cfg, keys)]
     for i in range(warmup + steps):
         for subject in subjects:
@@ -142,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = _vocab_from_data(cfg, load_tokenizer)
     rows = measure(cfg, args.steps, args.warmup, keys)
-    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank steps; the first reports
+        print(json.dumps(rows, indent=2) if args.json else table(rows))
     return 0
 
 

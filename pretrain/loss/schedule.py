@@ -14,12 +14,21 @@ backpropagates `scale * loss`) gets exactly the gradients of
 `sum_k scale_k * mean CE_k`, and parameter gradients reach `.grad` through
 autograd's own accumulation (micro-batch accumulation and engine hooks
 work unchanged). The trunk then sees one accumulated gradient.
+
+Under sequence parallelism z and every head's hidden state hold this rank's
+s / tp positions; the vocabulary-parallel cross-entropy needs every position
+on every rank (each holds a slice of the vocabulary), so each head's
+normalised state is all-gathered along the sequence first and only this
+rank's positions of its (all-reduced, hence whole) gradient flow back into
+the head.
 """
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from pretrain.loss.fused_ce import IGNORE_INDEX, fused_cross_entropy
 
@@ -34,6 +43,7 @@ class HeadStack:
     weight: torch.nn.Parameter  # unembedding shard [padded_vocab / tp, d]
     vocab_size: int
     params: list[torch.nn.Parameter]  # every parameter `hidden_states` and `norm` read
+    sequence_parallel: bool = False  # hidden states are [s / tp, b, d], this rank's positions
 
 
 @dataclass
@@ -75,15 +85,35 @@ class _HeadByHeadLoss(torch.autograd.Function):
         return (None, *(None if g is None else g.mul_(grad_total) for g in grads))
 
 
+def _whole_sequence(normed: torch.Tensor) -> torch.Tensor:
+    """[s / tp, b, d] positions of every tensor-parallel rank -> [s, b, d], in rank order (no autograd)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    whole = normed.new_empty((tp * normed.shape[0], *normed.shape[1:]))  # [s, b, d]
+    dist.all_gather_into_tensor(whole, normed.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return whole
+
+
+def _own_positions(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's [s / tp, b, d] of a gradient [s, b, d] that is whole on every rank."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return grad.chunk(tp, dim=0)[parallel_state.get_tensor_model_parallel_rank()]
+
+
 def _head_loss(
     plan: _Plan, k: int, normed: torch.Tensor, weight: torch.Tensor, weight_grad: torch.Tensor | None, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Head k's mean loss and, if wanted (and its scale is not 0), d(scale_k * loss)/d normed [s, b, d]."""
+    """Head k's mean loss and, if wanted (and its scale is not 0), d(scale_k * loss)/d normed.
+
+    normed is [s, b, d], or [s / tp, b, d] under sequence parallelism; the
+    gradient has its shape.
+    """
+    sequence_parallel = plan.stack.sequence_parallel
+    whole = _whole_sequence(normed.detach()) if sequence_parallel else normed.detach()  # [s, b, d]
     tokens = plan.targets[k].reshape(-1)  # [s * b]
     n_valid = _valid_count(tokens, torch.promote_types(weight.dtype, torch.float32))
     scale = plan.scales[k] if want_grad else 0.0
     loss_sum, grad_normed = fused_cross_entropy(
-        normed.detach().reshape(-1, normed.shape[-1]),  # [s * b, d]
+        whole.reshape(-1, whole.shape[-1]),  # [s * b, d]
         weight.detach(),
         tokens,
         plan.stack.vocab_size,
@@ -91,7 +121,9 @@ def _head_loss(
         grad_scale=scale / n_valid if scale else None,
         grad_weight=weight_grad,
     )
-    grad_normed = None if grad_normed is None else grad_normed.view_as(normed).to(normed.dtype)
+    if grad_normed is not None:
+        grad_normed = grad_normed.view_as(whole)  # [s, b, d]
+        grad_normed = (_own_positions(grad_normed) if sequence_parallel else grad_normed).to(normed.dtype)
     return loss_sum / n_valid, grad_normed
 
 

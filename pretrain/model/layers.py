@@ -8,6 +8,7 @@ and residuals. Only the core attention (`SDPAttention`) is ours.
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -16,7 +17,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -26,8 +26,8 @@ from pretrain.model.attention import SDPAttention
 def decoder_layer_spec() -> ModuleSpec:
     """Pre-norm Llama layer: RMSNorm, causal self-attention, RMSNorm, SwiGLU MLP.
 
-    The norm is megatron's `WrappedTorchNorm` (torch's RMSNorm): it runs
-    without Transformer Engine or apex, which a CPU box does not have.
+    The norm is torch's RMSNorm (`RMSNorm` below): it runs without
+    Transformer Engine or apex, which a CPU box does not have.
     """
     attention = ModuleSpec(
         module=SelfAttention,
@@ -47,10 +47,10 @@ def decoder_layer_spec() -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=RMSNorm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=RMSNorm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -62,9 +62,44 @@ def build_layer(tcfg: TransformerConfig, layer_number: int) -> TransformerLayer:
     return build_module(decoder_layer_spec(), config=tcfg, layer_number=layer_number)
 
 
+class _SumGradOverTensorRanks(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the tensor-parallel group, in float32."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.float()  # [d]: a bf16 sum of partial gradients would round once more per rank
+        dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        return total.to(grad.dtype)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm (what megatron's `WrappedTorchNorm` builds), also right under sequence parallelism.
+
+    With the sequence split over the tensor-parallel ranks, each rank's
+    gradient of the gain covers its own tokens only; the whole gradient is
+    the sum over ranks. megatron adds these up in its own data-parallel
+    wrapper (`finalize_model_grads`), which a DeepSpeed engine does not run,
+    so the sum happens in autograd: the gain passes through an identity
+    whose backward all-reduces it (d numbers per norm) before any engine
+    hook sees the gradient. Parameter names and values are torch's.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_megatron_options):
+        super().__init__(hidden_size, eps=eps)
+        self.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _SumGradOverTensorRanks.apply(self.weight) if self.sequence_parallel else self.weight
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)  # [..., d]
+
+
 def rms_norm(tcfg: TransformerConfig) -> torch.nn.Module:
     """The same RMSNorm the layers use, for final and head-input norms."""
-    return WrappedTorchNorm(config=tcfg, hidden_size=tcfg.hidden_size, eps=tcfg.layernorm_epsilon)
+    return RMSNorm(tcfg, tcfg.hidden_size, eps=tcfg.layernorm_epsilon)
 
 
 class _GatherLastDim(torch.autograd.Function):

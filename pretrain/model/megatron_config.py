@@ -34,11 +34,14 @@ def _leave_for_init(tensor: torch.Tensor) -> None:
     """megatron's init hook, doing nothing: `pretrain.model.init` fills the weights once built."""
 
 
-def transformer_config(cfg: ModelConfig, tp: int, params_dtype: torch.dtype, on_gpu: bool = False) -> TransformerConfig:
+def transformer_config(cfg: ModelConfig, tp: int, params_dtype: torch.dtype, on_gpu: bool = False,
+                       sequence_parallel: bool = False) -> TransformerConfig:
     """The megatron config every TransformerLayer of the model is built from.
 
     `on_gpu`: allocate weights on the current CUDA device (the runtime set
-    it) rather than on the CPU.
+    it) rather than on the CPU. `sequence_parallel`: megatron's sequence
+    parallelism (activations [s / tp, b, d] between the tensor-parallel
+    matmuls, which all-gather their input and reduce-scatter their output).
     """
     return TransformerConfig(
         num_layers=max(1, residual_depth(cfg)),
@@ -47,6 +50,7 @@ def transformer_config(cfg: ModelConfig, tp: int, params_dtype: torch.dtype, on_
         num_query_groups=cfg.kv_heads,
         ffn_hidden_size=cfg.ffn_size,
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
         gated_linear_unit=True,  # SwiGLU: fc1 holds gate and up projections

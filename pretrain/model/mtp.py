@@ -4,7 +4,7 @@ Submodules are kept apart (`embedding`, `layers`, `heads`, `unembedding`)
 so a pipeline engine can place the embedding on the first stage, split the
 trunk layers, and put heads + unembedding + loss on the last stage
 (`head_loss` is that last stage's work). Activations are [s, b, d], as in
-megatron.
+megatron; [s / tp, b, d] (this rank's positions) under sequence parallelism.
 """
 
 import contextlib
@@ -57,12 +57,14 @@ class MTPModel(torch.nn.Module):
     from `seed` by `pretrain.model.init`, the same under every layout;
     `seed=None` leaves them unset for a caller that loads weights next;
     `pretrained` (logical tensors by name) replaces the seed's draw for every
-    name it holds.
+    name it holds. `sequence_parallel` (training with tp > 1 only) splits the
+    activations along the sequence over the tensor-parallel ranks; the
+    weights are the same either way.
     """
 
     def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", seed: int | None = 0,
-                 pretrained: Mapping[str, torch.Tensor] | None = None):
+                 pretrained: Mapping[str, torch.Tensor] | None = None, sequence_parallel: bool = False):
         super().__init__()
         if cfg.vocab_size is None:
             raise UserError("model.vocab_size is not set; prepare the data first or set model.vocab_size")
@@ -71,7 +73,9 @@ class MTPModel(torch.nn.Module):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.cfg = cfg
         self.params_dtype = params_dtype
-        tcfg = transformer_config(cfg, tp, params_dtype, on_gpu=device.type == "cuda")
+        self.sequence_parallel = sequence_parallel
+        tcfg = transformer_config(cfg, tp, params_dtype, on_gpu=device.type == "cuda",
+                                  sequence_parallel=sequence_parallel)
         with torch.device(device) if device.type != "cuda" else contextlib.nullcontext():
             self.embedding = TokenEmbedding(tcfg, cfg.padded_vocab(tp))
             self.layers = torch.nn.ModuleList(build_layer(tcfg, i + 1) for i in range(cfg.trunk_layers))
@@ -90,9 +94,9 @@ class MTPModel(torch.nn.Module):
         return rotary_angles(seq_len, head_dim, self.cfg.rope_theta, device, dtype=dtype)
 
     def trunk(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [b, s] -> z [s, b, d], the shared representation every head reads."""
+        """input_ids [b, s] -> z [s, b, d] ([s / tp, b, d] sequence-parallel), what every head reads."""
         hidden = self.embedding(input_ids.t())  # [s, b, d]
-        rotary = self.rotary(hidden.shape[0], hidden.device)
+        rotary = self.rotary(input_ids.shape[1], hidden.device)  # every position: attention gathers them
         for layer in self.layers:
             hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
         return hidden
@@ -111,6 +115,7 @@ class MTPModel(torch.nn.Module):
             weight=self.unembedding.weight,
             vocab_size=self.cfg.vocab_size,
             params=params,
+            sequence_parallel=self.sequence_parallel,
         )
 
     def loss_params(self) -> list[torch.nn.Parameter]:
@@ -123,8 +128,10 @@ class MTPModel(torch.nn.Module):
         return [p for module in modules for p in module.parameters()]
 
     def head_loss(self, z: torch.Tensor, labels: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heads + unembedding + loss on the trunk output z [s, b, d]; see `forward`."""
+        """Heads + unembedding + loss on the trunk output z [s, b, d] ([s / tp, b, d]); see `forward`."""
         b, s = z.shape[1], z.shape[0]
+        if self.sequence_parallel:
+            s *= parallel_state.get_tensor_model_parallel_world_size()
         if labels.shape != (b, self.cfg.n_future, s):
             raise ValueError(f"labels must be [b, n_future, s] = {(b, self.cfg.n_future, s)}, got {tuple(labels.shape)}")
         targets = labels.permute(1, 2, 0).contiguous()  # [n, s, b]
@@ -149,6 +156,9 @@ class MTPModel(torch.nn.Module):
         ([b, n_future, s]) when given, else head k-1's greedy guess, as
         when drafting. Materialises all logits: small inputs only.
         """
+        if self.sequence_parallel:
+            raise RuntimeError("head_logits needs every position on every rank: build the model without "
+                               "sequence_parallel (generation and evaluation do)")
         z = self.trunk(input_ids)  # [s, b, d]
         logits: list[torch.Tensor] = []
 

@@ -15,20 +15,29 @@ from pretrain.model.layers import gather_last_dim, rms_norm
 
 
 class TokenEmbedding(torch.nn.Module):
-    """ids [..] -> vectors [.., d] through megatron's `VocabParallelEmbedding`."""
+    """ids [s, b] -> vectors [s, b, d] through megatron's `VocabParallelEmbedding`.
+
+    Under sequence parallelism the vocabulary shards' partial vectors are
+    reduce-scattered along the sequence instead of all-reduced: [s / tp, b, d],
+    this rank's positions, at half the all-reduce's traffic.
+    """
 
     def __init__(self, tcfg: TransformerConfig, padded_vocab: int):
         super().__init__()
+        self.sequence_parallel = tcfg.sequence_parallel
         self.embed = VocabParallelEmbedding(
             padded_vocab,
             tcfg.hidden_size,
             init_method=tcfg.init_method,
             config=tcfg,
+            reduce_scatter_embeddings=tcfg.sequence_parallel,
             tp_group=parallel_state.get_tensor_model_parallel_group(),
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(ids)
+        if self.sequence_parallel:  # megatron's reduce-scatter path reads [b, s] ids and returns [s / tp, b, d]
+            return self.embed(ids.t())
+        return self.embed(ids)  # [s, b, d]
 
 
 class Unembedding(torch.nn.Module):

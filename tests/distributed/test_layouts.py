@@ -17,6 +17,11 @@ precision path on the CPU: bf16 weights and activations, DeepSpeed's fp32
 master weights, fp32 gradient accumulation and reduction, ZeRO-1), held
 to the single-process bf16 run within BF16_RTOL.
 
+Sequence parallelism (megatron's, with its all-gathers and reduce-scatters
+under gloo): `sp` at tp=2 (ZeRO-2) and tp=2 x pp=2 (recomputation, ZeRO-1)
+against the one-process n4 / rc runs to float32 rounding, `sp_bf16` at tp=2
+against the one-process bf16 run.
+
 Checkpoint conversion: `src` runs save step 2 under one layout; another
 layout copies that checkpoint, resumes (resharding weights, fp32 masters
 and Adam moments) and takes step 3, which must equal the source layout's
@@ -51,6 +56,7 @@ BF16 = ["parallel.dtype=bfloat16", "parallel.zero_stage=1"]
 # 2^-6 (1.6%) allows four per step accumulated over the three steps' updates, and is still two
 # orders of magnitude below the loss change one step makes here (~0.7 nats of 5.5).
 BF16_RTOL = 2.0**-6
+SP = "parallel.sequence_parallel=true"
 
 
 def variant(name: str, *overrides: str, resume_from: str | None = None) -> dict:
@@ -76,10 +82,12 @@ def plans(base: Path) -> list[tuple[str, int, int, int, list[dict]]]:
                 variant("bf16", *BF16)]
 
     return [
-        ("tp2", 2, 1, 2, [*std(0, 1, 0), source(0)]),
+        ("tp2", 2, 1, 2, [*std(0, 1, 0), source(0), variant("sp", SP, "parallel.zero_stage=2"),
+                          variant("sp_bf16", SP, *BF16)]),
         ("dp2", 1, 1, 2, [*std(2, 1, 2), source(1)]),
         ("pp2", 1, 2, 2, std(0, 1, 1)),
-        ("tp2pp2", 2, 2, 4, [*std(1, 0, 0), source(0), target("from_dp2", "dp2", 0, base),
+        ("tp2pp2", 2, 2, 4, [*std(1, 0, 0), variant("sp", SP, "parallel.recompute=true", "parallel.zero_stage=1"),
+                             source(0), target("from_dp2", "dp2", 0, base),
                              target("same", "tp2pp2", 0, base), source(1, "bf16src", *BF16[:1]),
                              target("bf16same", "tp2pp2", 1, base, *BF16[:1], run="bf16src")]),
         ("pp2dp2", 1, 2, 4, [*std(1, 0, 1)[:3], target("from_tp2", "tp2", 1, base)]),
@@ -154,6 +162,17 @@ def test_layout_matches_single_process(runs, layout, name):
     base, _ = runs
     assert_same_steps(metrics(base / layout / name), metrics(base / "single" / name), [1, 2, 3])
     assert_same_weights(final_weights(base / layout / name), final_weights(base / "single" / name))
+
+
+@pytest.mark.parametrize("layout, name, reference", [("tp2", "sp", "n4"), ("tp2pp2", "sp", "rc"),
+                                                     ("tp2", "sp_bf16", "bf16")])
+def test_sequence_parallel_matches_single_process(runs, layout, name, reference):
+    base, logs = runs
+    assert "sequence-parallel" in logs[layout]
+    rel = BF16_RTOL if reference == "bf16" else LOSS_RTOL
+    assert_same_steps(metrics(base / layout / name), metrics(base / "single" / reference), [1, 2, 3], rel=rel)
+    if reference != "bf16":
+        assert_same_weights(final_weights(base / layout / name), final_weights(base / "single" / reference))
 
 
 @pytest.mark.parametrize("layout", BF16_LAYOUTS)

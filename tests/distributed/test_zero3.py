@@ -15,7 +15,9 @@ tiny model's) whole after their first gather, so these launches set
 
 Variants: n4, n1 (n_future=1 with micro-batches of 2: gradient accumulation
 under ZeRO-3), rc (recomputation), seq (sequential heads, which also read
-the embedding in the loss). `src` saves step 2 and `same` resumes it under
+the embedding in the loss), and at tp=2 x dp=2 n4 and sp (n4 with
+sequence parallelism: every norm gain's gradient summed over the tensor
+ranks inside autograd while ZeRO-3 holds the gain gathered). `src` saves step 2 and `same` resumes it under
 the same dp=2 ZeRO-3 layout (DeepSpeed's own loader). Plus one backward at
 dp=2 compared parameter by parameter with a plain model's gradients
 (tests/distributed/zero3_grads_worker.py).
@@ -62,7 +64,8 @@ def plans(base: Path) -> list[tuple[str, int, int, list[dict], dict | None]]:
     return [
         ("single", 1, 1, [variant(name, *overrides) for name, overrides in VARIANTS.items()], None),
         ("dp2", 1, 2, [*zero3, source(3), target("same", "dp2", 3, base)], PARTITION_ALL),
-        ("tp2dp2", 2, 4, [variant("n4", *VARIANTS["n4"], ZERO3)], PARTITION_ALL),
+        ("tp2dp2", 2, 4, [variant("n4", *VARIANTS["n4"], ZERO3),
+                          variant("sp", "parallel.sequence_parallel=true", ZERO3)], PARTITION_ALL),
     ]
 
 
@@ -81,11 +84,12 @@ def zero3_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return zero3_model_state(str(run_dir / "checkpoints" / "step_000003"))
 
 
-@pytest.mark.parametrize("layout, name", [*(("dp2", name) for name in VARIANTS), ("tp2dp2", "n4")])
-def test_zero3_matches_single_process(runs, layout, name):
+@pytest.mark.parametrize("layout, name, reference", [*(("dp2", name, name) for name in VARIANTS),
+                                                     ("tp2dp2", "n4", "n4"), ("tp2dp2", "sp", "n4")])
+def test_zero3_matches_single_process(runs, layout, name, reference):
     base, _ = runs
-    assert_same_steps(metrics(base / layout / name), metrics(base / "single" / name), [1, 2, 3])
-    assert_same_weights(zero3_weights(base / layout / name), final_weights(base / "single" / name))
+    assert_same_steps(metrics(base / layout / name), metrics(base / "single" / reference), [1, 2, 3])
+    assert_same_weights(zero3_weights(base / layout / name), final_weights(base / "single" / reference))
 
 
 def test_zero3_resumes_under_its_own_layout(runs):

@@ -237,6 +237,17 @@ def test_the_values_the_issue_found(workspace, capsys, override, needle):
     refused(workspace, capsys, {"train": {"max_steps": 200}}, override, needle=needle)
 
 
+@pytest.mark.parametrize("overrides, world, needle", [
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "model.head_type=linear"], 2,
+     "parallel.sequence_parallel=true needs model.head_type=transformer, got 'linear'"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "train.seq_len=33"], 2,
+     "needs train.seq_len=33 to be a multiple of parallel.tp=2"),
+])
+def test_sequence_parallelism_it_cannot_serve(workspace, capsys, overrides, world, needle):
+    refused(workspace, capsys, {"train": {"max_steps": 200}}, *overrides, world=world, needle=needle)
+
+
 def test_run_dir_naming_a_file_or_below_one(workspace, capsys):
     tmp_path, _ = workspace
     (tmp_path / "afile").write_text("x")

@@ -17,6 +17,7 @@ from parallel.planner import (
     estimate,
     head_block_params,
     layer_activation_bytes,
+    layout_problem,
     memory,
     search,
     stage_params,
@@ -130,6 +131,34 @@ def test_chunking_and_recompute_lower_memory():
     assert plain.loss_unchunked > plain.loss  # 256 tokens in 64-token chunks
     recompute = memory(cfg, Layout(1, 1, 8, 1, True, 1, "bfloat16"), 256, 4, parts)[0]
     assert recompute.activations < plain.activations and recompute.total < plain.total
+
+
+def test_sequence_parallelism_splits_activations_and_stage_boundaries():
+    cfg = ModelConfig(**{**SMALL, "n_layers": 8, "vocab_size": 32000}, n_future=4)
+    # every tensor a layer saves is split: sp at tp=2 is exactly half of tp=1's layer
+    assert layer_activation_bytes(cfg, 256, 2, 2, True) == pytest.approx(layer_activation_bytes(cfg, 256, 1, 2) / 2)
+    assert layer_activation_bytes(cfg, 256, 2, 2, True) < layer_activation_bytes(cfg, 256, 2, 2)
+    hw = Hardware(gpus=4, gpu_memory_gb=80)
+    plain, sp = (estimate(cfg, Layout(2, 2, 1, 1, False, 1, "bfloat16", on), 256, 8, hw, flops_per_token=1e6)
+                 for on in (False, True))
+    for a, b in zip(plain.stages, sp.stages):
+        assert b.weights == a.weights and b.optimizer == a.optimizer  # the same model and optimizer
+        assert b.activations < a.activations and b.p2p == pytest.approx(a.p2p / 2)
+    assert sp.stages[-1].loss < plain.stages[-1].loss
+    assert sp.comm.pipeline_s == pytest.approx(plain.comm.pipeline_s / 2)
+    assert sp.comm.tensor_s > plain.comm.tensor_s  # each head's normalised state is gathered for the loss
+
+
+def test_sequence_parallelism_needs_tensor_parallelism_and_transformer_heads():
+    cfg = ModelConfig(**SMALL, n_future=4)
+    hw = Hardware(gpus=4, gpu_memory_gb=80)
+    assert layout_problem(cfg, Layout(1, 1, 4, 1, False, 1, "bfloat16", True), 8, hw) == \
+        "sequence parallelism needs tp > 1"
+    linear = ModelConfig(**SMALL, n_future=4, head_type="linear")
+    assert "transformer heads" in layout_problem(linear, Layout(2, 1, 2, 1, False, 1, "bfloat16", True), 8, hw)
+    found, _ = search(cfg, 64, 8, "bfloat16", hw, flops_per_token=1e6)
+    sp = [e.layout for e in found if e.layout.sequence_parallel]
+    assert sp and all(lay.tp > 1 for lay in sp)
 
 
 def test_pipeline_bubble_and_in_flight_micro_batches():
