@@ -87,11 +87,24 @@ demo: setup
 # (pretrain/bench/gpu_check.py); the report lands in runs/gpu-check/gpu-check.md (docs/benchmarks.md).
 # Where pip can reach PyPI, `make setup` installs the CUDA build of the pinned torch. On a machine with
 # a CUDA torch already and no network, GPU_WHEELS=DIR names a folder of wheels for what is missing
-# (deepspeed, megatron-core, ...: `pip download` them elsewhere) and a venv over the system packages is used.
+# (deepspeed, megatron-core, liger-kernel, ...: `pip download` them elsewhere; sdists such as DeepSpeed's build against the
+# system torch) and a venv over the system packages is used.
 GPU_WHEELS ?=
 GPU_VENV := .venv-gpu
 gpu-check:
-	@if [ -n "$(GPU_WHEELS)" ]; then 		test -x $(GPU_VENV)/bin/python || $(PY) -m venv --system-site-packages $(GPU_VENV); 		$(GPU_VENV)/bin/pip install -q --no-index --find-links $(GPU_WHEELS) --no-build-isolation --no-deps -e . && 		$(GPU_VENV)/bin/pip install -q --no-index --find-links $(GPU_WHEELS) $$(ls $(GPU_WHEELS)) ; 		$(GPU_VENV)/bin/python -m pretrain.cli bench gpu-check --out runs/gpu-check; 	else 		$(MAKE) setup && $(BIN)/python -m pretrain.cli bench gpu-check --out runs/gpu-check; 	fi
+ifeq ($(GPU_WHEELS),)
+	$(MAKE) setup
+	@# Optional: where liger-kernel / cut-cross-entropy do not install, the check measures without them
+	@# (its environment stage says so).
+	-$(BIN)/pip install -q -e '.[gpu-kernels]'
+	$(BIN)/python -m pretrain.cli bench gpu-check --out runs/gpu-check
+else
+	@test -d "$(GPU_WHEELS)" || { echo "make gpu-check: GPU_WHEELS=$(GPU_WHEELS) is not a directory; name the folder of wheels made with pip download"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --no-index --find-links "$(GPU_WHEELS)" --no-build-isolation --no-deps -e .
+	$(GPU_VENV)/bin/pip install -q --no-index --find-links "$(GPU_WHEELS)" --no-build-isolation "$(GPU_WHEELS)"/*
+	$(GPU_VENV)/bin/python -m pretrain.cli bench gpu-check --out runs/gpu-check
+endif
 
 clean-venv:
 	rm -rf $(VENV)

@@ -37,6 +37,23 @@ def import_problem(name: str) -> str | None:
     return None
 
 
+# Fused linear + cross-entropy of other libraries, measured against ours (pretrain/loss/library_ce.py).
+LIBRARIES = {"liger": "liger_kernel.transformers.fused_linear_cross_entropy", "cce": "cut_cross_entropy"}
+_LIBRARY_NEEDS_CUDA = ("liger",)
+
+
+def library_problem(name: str, device_type: str) -> str | None:
+    """Why cross-entropy library `name` cannot run here (with how to get it), or None when it can."""
+    if name in _LIBRARY_NEEDS_CUDA and device_type != "cuda":
+        return f"{name} runs only on a CUDA GPU (its kernels are Triton's); leave it out on the {device_type}"
+    try:
+        importlib.import_module(LIBRARIES[name])
+    except Exception as err:  # noqa: BLE001 -- a broken install fails in many ways; each is "unusable"
+        return (f"{LIBRARIES[name]} does not import ({type(err).__name__}); install it with "
+                "`pip install -e .[gpu-kernels]` on the CUDA machine")
+    return None
+
+
 def resolve(requested: str, device_type: str, problem: Callable[[str], str | None] = import_problem) -> str:
     """The kernel set to build with; a forced one that cannot run here is a UserError naming the fix."""
     if requested not in KERNELS:

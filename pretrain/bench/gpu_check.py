@@ -10,7 +10,8 @@ single run says everything it can. Stages:
 3. train        `mtp bench train` of a 1B-class trunk (configs/1b.yaml's shape) in bf16: n=1, n=4
                 parameter-matched and n=4, one process each (three 1.3B models with fp32 masters
                 do not fit one 80 GB GPU together): tokens/s, MFU, peak memory, step time vs n=1
-4. loss-memory  `mtp bench loss-memory --device cuda` at 32k and 128k vocabularies
+4. loss-memory  `mtp bench loss-memory --device cuda --impls available` at 32k and 128k vocabularies:
+                ours against naive and against liger-kernel / cut-cross-entropy where installed
 5. speculative  a small n=4 model trained for a few minutes on the GPU, exported, then
                 `mtp bench speculative` (measured tokens per forward and speedup)
 
@@ -104,7 +105,8 @@ def stages(sizes: Sizes, out: Path, data: Path) -> list[Stage]:
         Stage("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"], 200),
         *(Stage(f"train {key}", [*MTP, *train, "--variants", key], 100) for key in ("n1", "matched", "n4")),
         *(Stage(f"loss-memory vocab {v}", [*MTP, "bench", "loss-memory", "--device", "auto", "--vocab", str(v),
-                                           *sizes.loss_shape, "--json"], 90) for v in sizes.vocabs),
+                                           "--impls", "available", *sizes.loss_shape, "--json"], 150)
+          for v in sizes.vocabs),
         Stage("speculative: train", [*MTP, *spec_train], 200),
         Stage("speculative: export", [*MTP, "export", "--checkpoint", str(run_dir), "--out", str(model)], 60),
         Stage("speculative: bench", [*MTP, "bench", "speculative", "--model", str(model), *sizes.spec_bench,

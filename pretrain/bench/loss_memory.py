@@ -3,7 +3,12 @@
 One forward + backward of the output side of an MTP model (heads, shared
 unembedding, cross-entropy) on a random trunk output z, for n in {1, 4}:
 "naive" materialises every head's logits and runs one backward; "fused" is
-the training schedule (head by head, chunked logits). Each case runs in a
+the training schedule (head by head, chunked logits); "liger" and "cce" are
+the same schedule with liger-kernel's or cut-cross-entropy's fused linear +
+cross-entropy in place of ours (pretrain/loss/library_ce.py), when
+`--impls` names them. Every impl but naive also reports its gradient parity
+with naive on the same weights and batch, measured after the timed steps
+so the naive graph does not count in its memory. Each case runs in a
 fresh subprocess so no allocator state leaks between cases. A warm-up step
 runs first, then `--repeats` steps, each from no gradients (as after
 `zero_grad(set_to_none=True)`); the fastest time is reported (the box may be
@@ -23,17 +28,23 @@ the step's activations, logits and other temporaries.
 Heavy imports happen inside the handlers so `mtp --help` stays fast.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from pretrain.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 N_VALUES = (1, 4)
-IMPLS = ("naive", "fused")
+IMPLS = ("naive", "fused", "liger", "cce")
 # The paper's claims as checkable targets: (description, measured ratio, limit, "<=" or ">=").
 TARGETS = (
     ("fused n=4 memory / fused n=1 memory", ("fused", 4, "peak_mib"), ("fused", 1, "peak_mib"), 1.10, "<="),
@@ -73,6 +84,9 @@ def register(subparsers, bench_subparsers) -> None:
                    help="a quick shape: 1024 tokens, seq 256, vocab 4096, d 256, chunks of 256")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case; the fastest is reported")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--impls", default="naive,fused",
+                   help="comma-separated from naive, fused, liger, cce; 'available': naive, fused and each "
+                        "library that runs here")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=run)
 
@@ -90,9 +104,27 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     if args.device == "cuda" and decided != "cuda":
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
     device = decided if args.device == "auto" else args.device
+    impls = _impls(args.impls, device)
     shape = dict(tokens=args.tokens, seq_len=args.seq_len, vocab=args.vocab, d_model=args.d_model,
                  head_type=args.head_type, chunk_tokens=args.chunk_tokens, device=device, repeats=args.repeats)
-    return [Case(impl=impl, n_future=n, **shape) for n in N_VALUES for impl in IMPLS]
+    return [Case(impl=impl, n_future=n, **shape) for n in N_VALUES for impl in impls]
+
+
+def _impls(spec: str, device: str) -> list[str]:
+    """The impls to measure, in IMPLS order; a library that cannot run here is a UserError naming the fix."""
+    from parallel.kernels import LIBRARIES, library_problem
+
+    if spec == "available":
+        return ["naive", "fused", *(name for name in LIBRARIES if library_problem(name, device) is None)]
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(IMPLS))
+    if unknown or not names:
+        raise UserError(f"--impls takes names from {', '.join(IMPLS)} (or 'available'), got '{spec}'")
+    for name in names:
+        why = library_problem(name, device) if name in LIBRARIES else None
+        if why:
+            raise UserError(f"--impls {name}: {why}")
+    return [name for name in IMPLS if name in names]
 
 
 def _run_in_subprocess(case: Case) -> dict:
@@ -106,9 +138,12 @@ def _run_in_subprocess(case: Case) -> dict:
 
 
 def _ratios(rows: list[dict]) -> list[dict]:
+    """The paper's targets whose two cases were measured."""
     table = {(r["impl"], r["n_future"]): r for r in rows}
     checks = []
     for name, (ia, na, key), (ib, nb, _), limit, op in TARGETS:
+        if (ia, na) not in table or (ib, nb) not in table:
+            continue
         ratio = table[(ia, na)][key] / table[(ib, nb)][key]
         met = ratio <= limit if op == "<=" else ratio >= limit
         checks.append({"ratio": name, "value": round(ratio, 3), "target": f"{op} {limit}", "met": met})
@@ -117,9 +152,10 @@ def _ratios(rows: list[dict]) -> list[dict]:
 
 def _print_table(result: dict) -> None:
     print(f"device: {result['device']}  shape: {result['shape']}")
-    print(f"{'impl':<6} {'n':>2} {'peak MiB':>10} {'seconds':>9}")
+    print(f"{'impl':<6} {'n':>2} {'peak MiB':>10} {'seconds':>9} {'loss err':>9} {'grad err':>9}")
     for row in result["rows"]:
-        print(f"{row['impl']:<6} {row['n_future']:>2} {row['peak_mib']:>10.1f} {row['seconds']:>9.2f}")
+        errors = "".join(f" {row[key]:>9.1e}" if key in row else f" {'-':>9}" for key in ("loss_err", "grad_err"))
+        print(f"{row['impl']:<6} {row['n_future']:>2} {row['peak_mib']:>10.1f} {row['seconds']:>9.2f}{errors}")
     for check in result["targets"]:
         status = "met" if check["met"] else "NOT met"
         print(f"{check['ratio']}: {check['value']} (target {check['target']}: {status})")
@@ -164,17 +200,44 @@ def _build(case: Case):
     return model, z, labels
 
 
-def _step(case: Case, model, z, labels) -> None:
-    """One forward + backward of heads + unembedding + loss."""
-    from pretrain.loss import naive_mtp_loss
+def _step(impl: str, model, z, labels) -> torch.Tensor:
+    """One forward + backward of heads + unembedding + loss; returns the per-head losses [n]."""
+    from pretrain.loss import mtp_loss, naive_mtp_loss
+    from pretrain.loss.library_ce import library_cross_entropy
 
-    if case.impl == "fused":
-        loss, _ = model.head_loss(z, labels)
+    if impl == "fused":
+        loss, head_losses = model.head_loss(z, labels)
     else:
         targets = labels.permute(1, 2, 0).contiguous()  # [n, s, b]
         stack = model.head_stack(z.shape[0], z.device, lambda i, _: targets[i].clamp(min=0))
-        loss, _ = naive_mtp_loss(z, targets, stack, model.cfg.head_scales(0))
+        scales = model.cfg.head_scales(0)
+        if impl == "naive":
+            loss, head_losses = naive_mtp_loss(z, targets, stack, scales)
+        else:
+            cross_entropy = library_cross_entropy(impl, z.device.type)
+            loss, head_losses = mtp_loss(z, targets, stack, scales, model.cfg.loss_chunk_tokens, cross_entropy)
     loss.backward()
+    return head_losses
+
+
+def _gradients(impl: str, model, z, labels) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-head losses [n] and, in float32 and by name, the gradients of z and every parameter, from none."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    z.grad = None
+    head_losses = _step(impl, model, z, labels).float()
+    grads = {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in model.named_parameters()}
+    return head_losses, {name: g.float() for name, g in {"z": z.grad, **grads}.items()}
+
+
+def _parity(impl: str, model, z, labels) -> dict:
+    """Largest relative error of the per-head losses and of any one gradient tensor, against naive."""
+    losses, grads = _gradients(impl, model, z, labels)
+    ref_losses, ref_grads = _gradients("naive", model, z, labels)
+    grad_err = max(((grads[k] - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+                   for k, ref in ref_grads.items())
+    return {"loss_err": ((losses - ref_losses).abs().max() / ref_losses.abs().max()).item(), "grad_err": grad_err}
 
 
 def _rss_bytes() -> int:
@@ -203,7 +266,7 @@ def measure(case: Case) -> dict:
     import torch
 
     model, z, labels = _build(case)
-    _step(case, model, z, labels)  # warm-up: one-time kernel and allocator set-up is not timed
+    _step(case.impl, model, z, labels)  # warm-up: one-time kernel and allocator set-up is not timed
     cuda = case.device == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -218,11 +281,12 @@ def measure(case: Case) -> dict:
         model.zero_grad(set_to_none=True)
         z.grad = None
         start = time.perf_counter()
-        _step(case, model, z, labels)
+        _step(case.impl, model, z, labels)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+    parity = {} if case.impl == "naive" else _parity(case.impl, model, z, labels)
     return {
         "impl": case.impl,
         "n_future": case.n_future,
@@ -230,6 +294,7 @@ def measure(case: Case) -> dict:
         "seconds": min(times),
         "dtype": str(z.dtype).removeprefix("torch."),
         "device_name": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        **parity,
     }
 
 

@@ -52,6 +52,7 @@ class _Plan:
     targets: torch.Tensor  # [n, s, b] token ids, IGNORE_INDEX where no loss
     scales: Sequence[float]
     chunk_tokens: int
+    cross_entropy: Callable  # fused_cross_entropy's contract (pretrain/loss/library_ce.py wraps others in it)
 
 
 def _valid_count(tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -112,7 +113,7 @@ def _head_loss(
     tokens = plan.targets[k].reshape(-1)  # [s * b]
     n_valid = _valid_count(tokens, torch.promote_types(weight.dtype, torch.float32))
     scale = plan.scales[k] if want_grad else 0.0
-    loss_sum, grad_normed = fused_cross_entropy(
+    loss_sum, grad_normed = plan.cross_entropy(
         whole.reshape(-1, whole.shape[-1]),  # [s * b, d]
         weight.detach(),
         tokens,
@@ -177,16 +178,19 @@ def mtp_loss(
     stack: HeadStack,
     scales: Sequence[float],
     chunk_tokens: int,
+    cross_entropy: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_k scales[k] * (mean cross-entropy of head k), and the unscaled per-head means.
 
     z [s, b, d] is the trunk output, targets [n, s, b] the ids head k must
     predict (IGNORE_INDEX where none). Each head's mean is over its own
     valid tokens; a head without any has loss 0 and zero gradients.
-    Under `torch.no_grad()` only the losses are computed.
+    Under `torch.no_grad()` only the losses are computed. `cross_entropy`
+    (default: ours, `fused_cross_entropy`) is another only where
+    `mtp bench loss-memory` measures a library's.
     Returns (loss to backpropagate, head_losses [n] detached).
     """
-    plan = _Plan(stack, targets, scales, chunk_tokens)
+    plan = _Plan(stack, targets, scales, chunk_tokens, cross_entropy or fused_cross_entropy)
     if not torch.is_grad_enabled():
         return _losses_only(plan, z)
     return _HeadByHeadLoss.apply(plan, z, stack.weight, *stack.params)
