@@ -28,8 +28,11 @@ _HOW_TO_GET = {
 def import_problem(name: str) -> str | None:
     """Why kernel set `name` cannot be imported here, or None when it can (torch always can)."""
     module = _MODULES.get(name)
-    if module is None:
-        return None
+    return None if module is None else _import_failure(module)
+
+
+def _import_failure(module: str) -> str | None:
+    """'<module> does not import (<error>)', or None when it imports."""
     try:
         importlib.import_module(module)
     except Exception as err:  # noqa: BLE001 -- a broken install fails in many ways; each is "unusable"
@@ -46,12 +49,8 @@ def library_problem(name: str, device_type: str) -> str | None:
     """Why cross-entropy library `name` cannot run here (with how to get it), or None when it can."""
     if name in _LIBRARY_NEEDS_CUDA and device_type != "cuda":
         return f"{name} runs only on a CUDA GPU (its kernels are Triton's); leave it out on the {device_type}"
-    try:
-        importlib.import_module(LIBRARIES[name])
-    except Exception as err:  # noqa: BLE001 -- a broken install fails in many ways; each is "unusable"
-        return (f"{LIBRARIES[name]} does not import ({type(err).__name__}); install it with "
-                "`pip install -e .[gpu-kernels]` on the CUDA machine")
-    return None
+    why = _import_failure(LIBRARIES[name])
+    return why and f"{why}; install it with `pip install -e .[gpu-kernels]` on the CUDA machine"
 
 
 def resolve(requested: str, device_type: str, problem: Callable[[str], str | None] = import_problem) -> str:

@@ -15,6 +15,7 @@ wheels already bring Triton). liger's kernels need a CUDA GPU; cut-cross-
 entropy falls back to its `torch_compile` implementation on a CPU.
 """
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -45,6 +46,7 @@ def _cce(device_type: str) -> LossSum:
 _BUILDERS = {"liger": _liger, "cce": _cce}
 
 
+@functools.cache  # built once per process: the bench's timed steps must not pay for imports and set-up
 def library_cross_entropy(name: str, device_type: str) -> Callable:
     """A function with `fused_cross_entropy`'s signature backed by library `name` (UserError if unusable)."""
     why = library_problem(name, device_type)
