@@ -47,8 +47,8 @@ system-deps:
 		apt-get update -q && apt-get install -y -q --no-install-recommends bubblewrap; \
 	fi
 
-# Two workers, each taking whole files (module fixtures are built once): most of
-# the suite waits on child processes, timeouts and servers rather than on the CPU.
+# Each worker takes whole files, so a module fixture is built once. Why two, and
+# what it saves: docs/benchmarks.md, "The test suite".
 TEST_WORKERS ?= 2
 test: setup system-deps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
