@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup system-deps test lint demo gpu-check clean-venv docker-deps docker docker-test
+.PHONY: setup system-deps test lint demo gpu-check gpu-wheels clean-venv docker-deps docker docker-test
 
 setup: $(STAMP)
 
@@ -88,26 +88,37 @@ demo: setup
 
 # One GPU, one command, under 9 minutes: tests/gpu, step speed and MFU, loss memory, speculative decoding
 # (pretrain/bench/gpu_check.py); the report lands in runs/gpu-check/gpu-check.md (docs/benchmarks.md).
-# Where pip can reach PyPI, `make setup` installs the CUDA build of the pinned torch. On a machine with
-# a CUDA torch already and no network, GPU_WHEELS=DIR names a folder of wheels for what is missing
-# (deepspeed, megatron-core, liger-kernel, ...: `pip download` them elsewhere; sdists such as DeepSpeed's build against the
-# system torch) and a venv over the system packages is used.
+# Where pip can reach PyPI, `make setup` installs the CUDA build of the pinned torch. On a GPU machine with
+# a CUDA torch and no network, GPU_WHEELS=DIR names the folder `make gpu-wheels` filled elsewhere: it is
+# installed with --no-deps into .gpu-site/ (the folder is complete by construction), which goes first on
+# PYTHONPATH for $(PY), the interpreter that holds the CUDA torch. Not a venv over the system packages:
+# where that interpreter is itself a venv (NGC-style images, many clusters), a new venv would not see its torch.
 GPU_WHEELS ?=
-GPU_VENV := .venv-gpu
+GPU_SITE := .gpu-site
+GPU_CHECK_ARGS ?=
 gpu-check:
 ifeq ($(GPU_WHEELS),)
 	$(MAKE) setup
 	@# Optional: where liger-kernel / cut-cross-entropy do not install, the check measures without them
 	@# (its environment stage says so).
 	-$(BIN)/pip install -q -e '.[gpu-kernels]'
-	$(BIN)/python -m pretrain.cli bench gpu-check --out runs/gpu-check
+	$(BIN)/python -m pretrain.cli bench gpu-check --out runs/gpu-check $(GPU_CHECK_ARGS)
 else
-	@test -d "$(GPU_WHEELS)" || { echo "make gpu-check: GPU_WHEELS=$(GPU_WHEELS) is not a directory; name the folder of wheels made with pip download"; exit 2; }
-	test -x $(GPU_VENV)/bin/python || $(PY) -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_VENV)/bin/pip install -q --no-index --find-links "$(GPU_WHEELS)" --no-build-isolation --no-deps -e .
-	$(GPU_VENV)/bin/pip install -q --no-index --find-links "$(GPU_WHEELS)" --no-build-isolation "$(GPU_WHEELS)"/*
-	$(GPU_VENV)/bin/python -m pretrain.cli bench gpu-check --out runs/gpu-check
+	@test -d "$(GPU_WHEELS)" || { echo "make gpu-check: GPU_WHEELS=$(GPU_WHEELS) is not a directory; fill one with make gpu-wheels"; exit 2; }
+	rm -rf $(GPU_SITE)
+	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target $(GPU_SITE) "$(GPU_WHEELS)"/*
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR) $(PY) -m pretrain.cli bench gpu-check --out runs/gpu-check $(GPU_CHECK_ARGS)
 endif
+
+# What `make gpu-check GPU_WHEELS=DIR` installs, collected here for a GPU machine without network: this
+# project's stack (megatron-core, DeepSpeed's source, webdataset, MLflow, liger-kernel, ...) for
+# GPU_PYTHON, without torch/Triton/CUDA. GPU_HAVE=FILE (`pip list --format=freeze` there) leaves out what
+# that machine has (pretrain/bench/gpu_wheels.py).
+GPU_PYTHON ?= 3.12
+GPU_HAVE ?=
+gpu-wheels: setup
+	rm -rf .gpu-wheels
+	$(BIN)/python -m pretrain.bench.gpu_wheels --out .gpu-wheels --python $(GPU_PYTHON) $(if $(GPU_HAVE),--have $(GPU_HAVE))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,9 +15,13 @@ single run says everything it can. Stages:
 5. speculative  a small n=4 model trained for a few minutes on the GPU, exported, then
                 `mtp bench speculative` (measured tokens per forward and speedup)
 
-It writes `gpu-check.json` and `gpu-check.md` into `--out`. `--dry-run`
-runs the same stages at toy sizes, on a CPU too, to check the command
-itself (the GPU tests then skip).
+It writes `gpu-check.json` and `gpu-check.md` into `--out`, anew after
+every stage, so a check killed from outside still leaves what it found.
+`--budget-s` (540 s) bounds the whole check: each stage's limit is cut to
+the time left, and the stages the budget does not reach are reported as
+not run, so one run ends with a report inside a 10-minute lease.
+`--dry-run` runs the same stages at toy sizes, on a CPU too, to check the
+command itself (the GPU tests then skip).
 """
 
 import argparse
@@ -35,6 +39,7 @@ from pretrain.errors import UserError
 
 MTP = [sys.executable, "-m", "pretrain.cli"]
 BUDGET_S = 9 * 60
+MIN_STAGE_S = 10  # a stage with less time left than this is not started
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Stage:
     name: str
     command: list[str]
     timeout_s: int
+    ran: bool = False
     ok: bool = False
     seconds: float = 0.0
     result: object = None
@@ -87,6 +93,8 @@ def register(subparsers, bench_subparsers) -> None:
     p.add_argument("--out", default="runs/gpu-check", help="directory for gpu-check.json, gpu-check.md and logs")
     p.add_argument("--data", help="prepared data for the speculative model (default: prepare the stdlib corpus)")
     p.add_argument("--dry-run", action="store_true", help="toy sizes, on any machine: checks the command itself")
+    p.add_argument("--budget-s", type=int, default=BUDGET_S,
+                   help=f"seconds for the whole check (default {BUDGET_S}); stages it does not reach are not run")
     p.set_defaults(func=run)
 
 
@@ -132,6 +140,7 @@ print(json.dumps(info))
 
 
 def run_stage(stage: Stage, log_dir: Path) -> None:
+    stage.ran = True
     start = time.monotonic()
     try:
         proc = subprocess.run(stage.command, capture_output=True, text=True, timeout=stage.timeout_s,
@@ -164,7 +173,7 @@ def markdown(stages_run: list[Stage], dry_run: bool) -> str:
              f"{env.get('torch', '?')} (CUDA {env.get('cuda', '-')}), DeepSpeed {env.get('deepspeed', '?')}, "
              f"megatron-core {env.get('megatron.core', '?')}; fused kernels: {env.get('kernels', {})}", "",
              "| stage | ok | seconds |", "|---|---|---|"]
-    lines += [f"| {s.name} | {'yes' if s.ok else 'NO'} | {s.seconds:.0f} |" for s in stages_run]
+    lines += [f"| {s.name} | {_verdict(s)} | {s.seconds:.0f} |" for s in stages_run]
     rows = [row for s in stages_run if s.name.startswith("train") and isinstance(s.result, list) for row in s.result]
     if rows:
         base = next((r["step_s"] for r in rows if r["variant"] == "n=1"), None)
@@ -176,15 +185,21 @@ def markdown(stages_run: list[Stage], dry_run: bool) -> str:
             lines.append(f"| {r['variant']} | {r['params'] / 1e9:.2f}B | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} "
                          f"| {ratio} | {mfu} | {r['peak_memory_gb']:.1f} GB |")
     for s in stages_run:
-        if not s.ok:
+        if s.ran and not s.ok:
             lines += ["", f"`{s.name}` failed; the end of its output:", "```", s.tail, "```"]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(stage: Stage) -> str:
+    return "yes" if stage.ok else "NO" if stage.ran else "not run"
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; name a directory")
+    if args.budget_s < MIN_STAGE_S:
+        raise UserError(f"--budget-s {args.budget_s} leaves no time for a stage; give at least {MIN_STAGE_S} s")
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data-stdlib-byte"
     if args.data and not (data / "manifest.json").is_file():
@@ -193,18 +208,35 @@ def run(args: argparse.Namespace) -> int:
     if not args.data:
         plan.insert(1, Stage("prepare", [*MTP, "prepare", "--source", "stdlib", "--tokenizer", "byte", "--out",
                                          str(data), "--overwrite"], 120))
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    started = time.monotonic()
-    for stage in plan:
-        print(f"gpu-check: {stage.name} ...", flush=True)
-        run_stage(stage, logs)
-        print(f"gpu-check: {stage.name}: {'ok' if stage.ok else 'FAILED'} ({stage.seconds:.0f} s)", flush=True)
-    total = time.monotonic() - started
-    report = {"dry_run": args.dry_run, "seconds": total, "within_budget": total <= BUDGET_S,
-              "stages": [asdict(s) for s in plan]}
-    (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu-check.md").write_text(markdown(plan, args.dry_run))
+    total = run_all(plan, out, args.budget_s, args.dry_run)
     print(f"gpu-check: {sum(s.ok for s in plan)}/{len(plan)} stages ok in {total:.0f} s; report in "
           f"{out / 'gpu-check.md'}", flush=True)
     return 0 if all(s.ok for s in plan) else 1
+
+
+def run_all(plan: list[Stage], out: Path, budget_s: float, dry_run: bool) -> float:
+    """Run the stages in order within `budget_s`, rewriting the reports after each; the seconds taken."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for stage in plan:
+        left = budget_s - (time.monotonic() - started)
+        if left < MIN_STAGE_S:
+            print(f"gpu-check: {stage.name}: not run (the budget of {budget_s:.0f} s is spent)", flush=True)
+            continue
+        stage.timeout_s = min(stage.timeout_s, int(left))
+        print(f"gpu-check: {stage.name} ...", flush=True)
+        run_stage(stage, logs)
+        print(f"gpu-check: {stage.name}: {'ok' if stage.ok else 'FAILED'} ({stage.seconds:.0f} s)", flush=True)
+        write_reports(plan, out, dry_run, time.monotonic() - started, budget_s)
+    total = time.monotonic() - started
+    write_reports(plan, out, dry_run, total, budget_s)
+    return total
+
+
+def write_reports(plan: list[Stage], out: Path, dry_run: bool, seconds: float, budget_s: float) -> None:
+    report = {"dry_run": dry_run, "seconds": seconds, "budget_s": budget_s,
+              "within_budget": all(s.ran for s in plan) and seconds <= budget_s,
+              "stages": [asdict(s) for s in plan]}
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu-check.md").write_text(markdown(plan, dry_run))

@@ -11,7 +11,8 @@ from tests.integration.conftest import run_mtp
 
 def test_gpu_check_dry_run_runs_every_stage_and_reports(small_corpus, tmp_path):
     out = tmp_path / "gpu-check"
-    proc = run_mtp("bench", "gpu-check", "--dry-run", "--out", str(out), "--data", str(small_corpus), timeout=1500)
+    proc = run_mtp("bench", "gpu-check", "--dry-run", "--out", str(out), "--data", str(small_corpus), "--budget-s",
+                   "1400", timeout=1500)
     report = json.loads((out / "gpu-check.json").read_text())
     names = [s["name"] for s in report["stages"]]
     assert names == ["environment", "tests", "train n1", "train matched", "train n4", "loss-memory vocab 512",
@@ -28,3 +29,9 @@ def test_gpu_check_refuses_a_missing_data_dir(tmp_path):
     proc = run_mtp("bench", "gpu-check", "--dry-run", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "none"),
                    check=False)
     assert proc.returncode == 2 and "holds no prepared data" in proc.stderr
+
+
+def test_gpu_check_refuses_a_budget_too_small_for_a_stage(tmp_path):
+    proc = run_mtp("bench", "gpu-check", "--dry-run", "--out", str(tmp_path / "o"), "--budget-s", "3", check=False)
+    assert proc.returncode == 2 and "--budget-s 3 leaves no time for a stage" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
