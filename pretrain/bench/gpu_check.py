@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -142,17 +143,35 @@ print(json.dumps(info))
 def run_stage(stage: Stage, log_dir: Path) -> None:
     stage.ran = True
     start = time.monotonic()
-    try:
-        proc = subprocess.run(stage.command, capture_output=True, text=True, timeout=stage.timeout_s,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        stage.ok = proc.returncode == 0
-        stdout, output = proc.stdout, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as err:
-        stdout, output = "", f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {stage.timeout_s} s"
+    returncode, stdout, stderr = run_group(stage.command, stage.timeout_s)
+    stage.ok = returncode == 0
+    output = stdout + stderr + ("" if returncode is not None else f"\ntimed out after {stage.timeout_s} s")
     stage.seconds = time.monotonic() - start
     (log_dir / f"{stage.name.replace(' ', '_').replace(':', '')}.log").write_text(output)
     stage.tail = "\n".join(output.strip().splitlines()[-8:])
     stage.result = _last_json(stdout) if stage.ok else None
+
+
+def run_group(command: list[str], timeout_s: float) -> tuple[int | None, str, str]:
+    """(exit status or None when it timed out, stdout, stderr) of `command`, run in a process group of its own.
+
+    At the limit, or when this process is interrupted, the whole group is
+    killed: a stage's children (pytest's `mtp train`, torchrun's workers)
+    hold the GPU, and killing only the direct child would leave them
+    running into the next stage.
+    """
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()  # what it wrote before the limit
+        return None, stdout, stderr
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): take the stage's processes down with us
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _last_json(output: str):

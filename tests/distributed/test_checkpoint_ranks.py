@@ -48,14 +48,21 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
 def runs(request, tiny_corpus, tmp_path_factory) -> tuple[int, Path, Path]:
-    """(ranks, uninterrupted run, run stopped after step 8 of 12) for one layout."""
+    """(ranks, uninterrupted run, the same run as it stood after step 8 of 12) for one layout.
+
+    The second is the first cut back to step 8 (its step-12 checkpoint and metrics rows 9-12 removed):
+    what a run stopped there leaves, without training the same eight steps again.
+    """
     nproc, root = request.param, tmp_path_factory.mktemp(f"ranks{request.param}")
     full = root / "full"
     done = torchrun(nproc, full, tiny_corpus, "train.max_steps=12")
     assert done.returncode == 0, done.stderr[-3000:]
     stopped = root / "stopped"
-    done = torchrun(nproc, stopped, tiny_corpus, "train.max_steps=12", "--stop-after", "8")
-    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(full, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "step_000012")
+    rows = (stopped / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (stopped / "metrics.jsonl").write_text("".join(row for row in rows if json.loads(row)["step"] <= 8))
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step_000004", "step_000008"]
     return nproc, full, stopped
 
 
