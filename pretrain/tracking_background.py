@@ -30,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from pretrain.tracking import Tracker, _first_line
+from pretrain.tracking import first_line
+from pretrain.tracking_mlflow import Tracker
 
 log = logging.getLogger("pretrain.tracking")
 # urllib3 warns at every retry MLflow asks it for; the outage is reported once, here.
@@ -206,4 +207,4 @@ class BackgroundTracker:
         if not self.down:
             self.down = True
             log.warning("MLflow at %s unreachable (%s); training goes on, the steps are kept in metrics.jsonl and "
-                        "sent once it answers again", self.uri, _first_line(err))
+                        "sent once it answers again", self.uri, first_line(err))

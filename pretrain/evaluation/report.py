@@ -93,7 +93,7 @@ def log_mlflow(values: dict[str, float], source, uri: str | None, name: str) -> 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    from pretrain.tracking import Tracker, send_rows
+    from pretrain.tracking_mlflow import Tracker, send_rows
 
     step = source.step or 0
     if source.mlflow_run_id and uri == source.tracking_uri:  # beside the training run's own metrics, at its step

@@ -124,6 +124,36 @@ def test_next_token_baseline_trains(small_corpus, tmp_path):
     assert rows[-1]["loss_head1"] < rows[0]["loss_head1"] - 0.5
 
 
+NO_MLFLOW = """import sys
+
+
+class NoMlflow:  # a machine without MLflow installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoMlflow())
+"""
+
+
+def test_without_mlflow_a_run_trains_untracked_and_a_tracked_one_is_one_line(small_corpus, tmp_path):
+    """Only a process that tracks imports MLflow: a GPU node without it trains (and plots) with tracking off."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NO_MLFLOW)
+    env = mtp_env(PYTHONPATH=str(tmp_path / "site"))
+    untracked = tmp_path / "untracked"
+    run_mtp("train", "--config", "configs/tiny-cpu.yaml", *TINY, f"data.dir={small_corpus}", f"run.dir={untracked}",
+            "train.max_steps=2", "train.eval_interval=0", "tracking.enabled=false", env=env)
+    assert [row["step"] for row in metrics(untracked)] == [1, 2] and (untracked / "head_losses.png").is_file()
+    tracked = run_mtp("train", "--config", "configs/tiny-cpu.yaml", *TINY, f"data.dir={small_corpus}",
+                      f"run.dir={tmp_path / 'tracked'}", "train.max_steps=2", "tracking.enabled=true", env=env,
+                      check=False)
+    assert tracked.returncode == 2, tracked.stderr[-3000:]
+    assert "tracking.enabled=true but MLflow does not import here (No module named 'mlflow')" in tracked.stderr
+    assert "Traceback" not in tracked.stderr
+
+
 def test_export_round_trips_weights(full_run, tmp_path):
     import torch
     from safetensors.torch import load_file

@@ -15,8 +15,9 @@ from pretrain.config import apply_overrides, config_to_dict, from_dict
 from pretrain.errors import UserError
 from pretrain.local_mlflow import free_port, serve
 from pretrain.metrics import MetricsWriter, StepMetrics
-from pretrain.tracking import NullTracker, Tracker, make_tracker, plot_head_curves, resolve_tracking_uri
+from pretrain.tracking import NullTracker, make_tracker, plot_head_curves, resolve_tracking_uri
 from pretrain.tracking_background import BackgroundTracker
+from pretrain.tracking_mlflow import Tracker
 
 
 def sqlite_uri(tmp_path) -> str:
