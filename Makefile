@@ -117,7 +117,6 @@ endif
 GPU_PYTHON ?= 3.12
 GPU_HAVE ?=
 gpu-wheels: setup
-	rm -rf .gpu-wheels
 	$(BIN)/python -m pretrain.bench.gpu_wheels --out .gpu-wheels --python $(GPU_PYTHON) $(if $(GPU_HAVE),--have $(GPU_HAVE))
 
 clean-venv:

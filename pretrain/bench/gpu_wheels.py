@@ -22,6 +22,7 @@ on a machine that can reach PyPI:
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -102,6 +103,23 @@ def download(pins: dict[str, str], out: Path, python: str) -> None:
         _pip([*base, "--no-binary=:all:", *sources])
 
 
+def replace_with_download(pins: dict[str, str], out: Path, python: str) -> None:
+    """Download into a folder beside `out`, then put it in `out`'s place: a failed download keeps the old one.
+
+    Two versions of one package in the folder would stop the install, so it is replaced, never added to.
+    """
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        download(pins, partial, python)
+    except UserError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+
+
 def _pip(command: list[str]) -> None:
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -123,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {args.out} is a file; name a folder")
         there = already_there(args.have)
         pins = {n: v for n, v in {**closure(ROOTS, there), **optional_pins()}.items() if n not in there}
-        args.out.mkdir(parents=True, exist_ok=True)
-        download(pins, args.out, args.python)
+        replace_with_download(pins, args.out, args.python)
     except UserError as err:
         print(f"make gpu-wheels: error: {err}", file=sys.stderr)
         return 2
